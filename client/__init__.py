@@ -1,0 +1,1 @@
+"""Worker-side and operator-side library (import name ``eplbd.client``)."""

@@ -1,0 +1,1 @@
+"""Rebalancing policies (filled in by the policy work)."""
