@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from eplbd.window import LoadWindow, ReportRejected, physical_to_logical
+
+L, E, P = 2, 4, 6
+PHY_A = np.array([[0, 1, 2, 3, 0, 1], [3, 2, 1, 0, 3, 3]], np.int64)
+PHY_B = np.array([[3, 2, 1, 0, 0, 0], [0, 1, 2, 3, 1, 2]], np.int64)
+
+
+def brute_logical(load, phy2log):
+    out = np.zeros(load.shape[:-1] + (E,), np.int64)
+    for idx in np.ndindex(load.shape[:-1]):
+        layer = idx[-1]
+        for p in range(P):
+            out[idx + (phy2log[layer, p],)] += load[idx + (p,)]
+    return out
+
+
+def test_physical_to_logical_matches_brute_force():
+    rng = np.random.default_rng(0)
+    load = rng.integers(0, 100, (5, L, P))
+    np.testing.assert_array_equal(physical_to_logical(load, PHY_A, E), brute_logical(load, PHY_A))
+
+
+def test_ranks_sum_per_step_and_window_evicts_old_steps():
+    rng = np.random.default_rng(1)
+    w = LoadWindow(3, L, E, P)
+    loads = {r: rng.integers(0, 50, (6, L, P)) for r in range(2)}
+    for r in range(2):
+        w.add(0, loads[r][:4], PHY_A, epoch=0)
+        w.add(4, loads[r][4:], PHY_A, epoch=0)
+    total = loads[0] + loads[1]
+    assert w.fill == 3 and w.newest_step == 5
+    np.testing.assert_array_equal(w.logical_load(), brute_logical(total[3:], PHY_A).sum(0))
+    snap = w.snapshot()
+    np.testing.assert_array_equal(snap.physical, total[3:].sum(0))
+    steps, rows = w.steps_logical()
+    assert steps.tolist() == [3, 4, 5]
+    np.testing.assert_array_equal(rows, brute_logical(total[3:], PHY_A))
+
+
+def test_loads_on_both_sides_of_an_epoch_add_up_in_logical_space():
+    w = LoadWindow(10, L, E, P)
+    a = np.ones((2, L, P), np.int64)
+    w.add(0, a, PHY_A, epoch=0)
+    w.set_epoch(1)
+    w.add(2, a * 2, PHY_B, epoch=1)
+    expect = brute_logical(a, PHY_A).sum(0) + brute_logical(a * 2, PHY_B).sum(0)
+    np.testing.assert_array_equal(w.logical_load(), expect)
+    snap = w.snapshot()
+    # The physical view only holds steps recorded under the current epoch.
+    assert snap.physical_steps == 2 and snap.epoch == 1
+    np.testing.assert_array_equal(snap.physical, (a * 2).sum(0))
+    # A straggler report of the old epoch still counts in logical space only.
+    w.add(1, a, PHY_A, epoch=0)
+    np.testing.assert_array_equal(w.snapshot().physical, (a * 2).sum(0))
+    np.testing.assert_array_equal(w.logical_load(), expect + brute_logical(a, PHY_A).sum(0))
+
+
+@pytest.mark.parametrize("load,reason", [
+    (np.ones((1, L, P + 1), np.int64), "bad_shape"),
+    (np.ones((L, P), np.int64), "bad_shape"),
+    (np.ones((1, L, P), np.float32), "bad_dtype"),
+    (-np.ones((1, L, P), np.int64), "negative"),
+    (np.full((1, L, P), 2**40, np.int64), "overflow"),
+])
+def test_bad_reports_are_refused_and_change_nothing(load, reason):
+    w = LoadWindow(4, L, E, P)
+    w.add(0, np.ones((1, L, P), np.int64), PHY_A, epoch=0)
+    before = w.snapshot()
+    with pytest.raises(ReportRejected) as ei:
+        w.add(1, load, PHY_A, epoch=0)
+    assert ei.value.reason == reason
+    after = w.snapshot()
+    np.testing.assert_array_equal(before.logical, after.logical)
+    assert (before.steps, before.newest_step) == (after.steps, after.newest_step)
+
+
+def test_far_future_and_stale_steps():
+    w = LoadWindow(4, L, E, P, max_steps_ahead=100)
+    w.add(10, np.ones((1, L, P), np.int64), PHY_A, epoch=0)
+    with pytest.raises(ReportRejected, match="ahead") as ei:
+        w.add(500, np.ones((1, L, P), np.int64), PHY_A, epoch=0)
+    assert ei.value.reason == "step_out_of_range"
+    with pytest.raises(ReportRejected, match="negative"):
+        w.add(-1, np.ones((1, L, P), np.int64), PHY_A, epoch=0)
+    # Older than the window: ignored, not an error (a slow rank catching up).
+    assert w.add(2, np.ones((1, L, P), np.int64), PHY_A, epoch=0) == 0
+    assert w.fill == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.lists(st.tuples(st.integers(0, 1), st.integers(0, 30), st.integers(1, 4)),
+                                   min_size=1, max_size=25))
+def test_window_equals_brute_force(window_size, reports):
+    rng = np.random.default_rng(len(reports))
+    w = LoadWindow(window_size, L, E, P)
+    rows: dict[int, np.ndarray] = {}
+    newest = -1
+    for rank, first, n in reports:
+        load = rng.integers(0, 9, (n, L, P))
+        w.add(first, load, PHY_A, epoch=0)
+        last = first + n - 1
+        oldest = max(newest, last) - window_size + 1
+        for i in range(n):
+            s = first + i
+            if s >= oldest:
+                rows[s] = rows.get(s, 0) + load[i]
+        newest = max(newest, last)
+        rows = {s: v for s, v in rows.items() if s > newest - window_size}
+    expect = sum(rows.values()) if rows else np.zeros((L, P), np.int64)
+    np.testing.assert_array_equal(w.logical_load(), brute_logical(np.asarray(expect)[None], PHY_A)[0])
+    assert w.fill == len(rows)
