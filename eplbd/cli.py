@@ -1,10 +1,142 @@
-"""The ``eplbd`` command line."""
+"""The ``eplbd`` command line: ``eplbd <subcommand> ...``.
+
+Exit codes: 0 ok, 1 an error eplbd raised on purpose (message on stderr),
+2 usage error.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import pathlib
 import sys
+import time
+
+from eplbd.errors import EplbdError
+
+
+def _add_replay(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("replay", allow_abbrev=False, help="evaluate policies offline on a load trace",
+                       description="Run the daemon's window and schedule over a trace and report "
+                                   "balancedness with and without rebalancing.")
+    p.add_argument("trace", help="trace .npz (key 'load' [steps, layers, experts]) or a token-routing "
+                                 ".npz (converted on the fly)")
+    p.add_argument("--num-gpus", type=int, required=True, help="ranks in the EP group")
+    p.add_argument("--num-redundant", type=int, default=0, help="redundant slots per layer")
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--num-groups", type=int, default=1)
+    p.add_argument("--window-size", type=int, default=1000)
+    p.add_argument("--step-interval", type=int, default=3000)
+    p.add_argument("--min-gain", type=float, default=0.0,
+                   help="skip plans whose predicted gain is below this (default 0: never skip)")
+    p.add_argument("--policy", default="default", help="policy name, or several separated by commas")
+    p.add_argument("--placement", default="linear", choices=["linear", "round_robin"],
+                   help="initial placement strategy")
+    p.add_argument("--batch", type=int, default=64, help="token-routing input: requests in flight")
+    p.add_argument("--order", default="shuffle", choices=["shuffle", "file"],
+                   help="token-routing input: request admission order")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_replay)
+
+
+def _load_any_trace(path: str, batch: int, order: str, quiet: bool):
+    from eplbd.trace import convert_routing_file, is_token_routing, load_trace
+
+    if is_token_routing(path):
+        t0 = time.perf_counter()
+        trace = convert_routing_file(path, batch=batch, order=order)
+        if not quiet:
+            m = trace.meta
+            print(f"converted token routing {pathlib.Path(path).name}: {m['requests']} requests "
+                  f"({m['dropped_repetitive']} repetitive dropped), batch {batch}, order {order} -> "
+                  f"{trace.load.shape[0]} steps x {trace.num_layers} layers x {trace.num_logical} experts "
+                  f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        return trace
+    return load_trace(path)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from eplbd.config import make_eplb_config
+    from eplbd.replay import replay, stderr_progress
+    from eplbd.scheduler import Topology
+
+    trace = _load_any_trace(args.trace, args.batch, args.order, args.json)
+    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
+    config = make_eplb_config(window_size=args.window_size, step_interval=args.step_interval,
+                              num_redundant_experts=args.num_redundant, min_gain=args.min_gain,
+                              policy=policies[0] if policies else "")
+    for name in policies[1:]:
+        make_eplb_config(policy=name)  # validates the name with a clear error
+    topo = Topology(num_layers=trace.num_layers, num_logical=trace.num_logical,
+                    num_physical=trace.num_logical + args.num_redundant, num_gpus=args.num_gpus,
+                    num_nodes=args.num_nodes, num_groups=args.num_groups)
+    if topo.num_physical % topo.num_gpus:
+        raise EplbdError(f"--num-gpus {args.num_gpus} does not divide {topo.num_physical} physical slots "
+                         f"({trace.num_logical} experts + {args.num_redundant} redundant)")
+    progress = stderr_progress() if trace.load.shape[0] >= 2000 else None
+    results = [replay(trace, topo, config, policy=name, placement=args.placement, progress=progress)
+               for name in policies]
+    if args.json:
+        docs = [r.as_dict(with_decisions=True) for r in results]
+        out = docs[0] if len(docs) == 1 else {"results": docs}
+        print(json.dumps(out))
+        return 0
+    print(f"trace: {trace.load.shape[0]} steps, {trace.num_layers} layers x {trace.num_logical} experts; "
+          f"EP {topo.num_gpus} GPUs, {topo.num_physical} slots/layer ({args.num_redundant} redundant); "
+          f"window {config.window_size}, re-plan every {config.step_interval} steps")
+    hdr = f"{'policy':<12} {'static':>8} {'balanced':>9} {'rebal':>6} {'skipped':>8} {'moved slots':>12} {'policy ms':>10}"
+    print(hdr)
+    for r in results:
+        print(f"{r.policy:<12} {r.mean_balancedness_static:>8.4f} {r.mean_balancedness:>9.4f} "
+              f"{r.rebalances:>6} {r.skipped:>8} {r.moved_slots:>5}/{r.total_slots * max(r.rebalances, 1):<6} "
+              f"{r.policy_ms_mean:>10.2f}")
+    print("balancedness = mean rank load / max rank load per step and layer, averaged (1.0 = perfect); "
+          "static = initial placement kept throughout.")
+    return 0
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert-trace", allow_abbrev=False, help="build a load trace from token-level routing",
+                       description="Simulate continuous batching over per-token routing "
+                                   "(experts [tokens, layers, top_k] + request_offsets) and write a trace.")
+    p.add_argument("routing", help="token-routing .npz")
+    p.add_argument("-o", "--output", required=True, help="trace .npz to write")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--order", default="shuffle", choices=["shuffle", "file"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-repetitive", action="store_true", help="keep requests that loop on repeated text")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from eplbd.trace import convert_routing_file, save_trace
+
+    trace = convert_routing_file(args.routing, batch=args.batch, order=args.order, seed=args.seed,
+                                 drop_repetitive=not args.keep_repetitive)
+    save_trace(args.output, trace.load, steps=trace.steps, meta=trace.meta)
+    print(f"wrote {args.output}: load {list(trace.load.shape)} ({trace.meta['requests']} requests)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eplbd", allow_abbrev=False, description="Expert-parallel load balancing daemon.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_replay(sub)
+    _add_convert(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("eplbd: nothing yet", file=sys.stderr)
-    return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EplbdError as exc:
+        print(f"eplbd {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

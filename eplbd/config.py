@@ -1,0 +1,76 @@
+"""Configuration models.
+
+``EplbConfig`` mirrors vLLM's ``EPLBConfig`` field names, defaults and validation
+so that a user can carry their ``--eplb-config`` JSON over unchanged. The
+daemon's own settings (endpoints, state dir, gating) sit beside it. Every
+validation error names the field and the bad value.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from eplbd.errors import ConfigError
+
+Communicator = Literal["auto", "torch_gloo", "torch_nccl", "pynccl", "nixl"]
+# NCCL-based communicators cannot run their collectives from a background
+# thread alongside the engine's own NCCL stream safely; vLLM rejects the same.
+_SYNC_ONLY_COMMUNICATORS = ("torch_nccl", "pynccl")
+
+
+class EplbConfig(BaseModel):
+    """vLLM-compatible EPLB settings plus the scheduler's gating knobs."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    window_size: int = Field(default=1000, gt=0, description="Steps of load kept in the window.")
+    step_interval: int = Field(default=3000, gt=0, description="Steps between scheduled re-plans.")
+    num_redundant_experts: int = Field(default=0, ge=0, description="Extra physical slots per layer.")
+    log_balancedness: bool = Field(default=False, description="Log balancedness periodically.")
+    log_balancedness_interval: int = Field(default=1, gt=0, description="Steps between balancedness logs.")
+    use_async: bool = Field(default=True, description="Stage transfers in the background (non-blocking).")
+    policy: str = Field(default="default", description="Rebalancing policy name.")
+    communicator: Communicator = Field(default="auto", description="Weight transfer backend.")
+    # Gating: a plan whose predicted gain in mean balancedness is below this is skipped.
+    min_gain: float = Field(default=0.01, ge=0.0, le=1.0, description="Minimum predicted balancedness gain.")
+    plan_timeout_s: float = Field(default=60.0, gt=0, description="Abort a plan not fully acked in this time.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EplbConfig":
+        if self.use_async and self.communicator in _SYNC_ONLY_COMMUNICATORS:
+            raise ValueError(
+                f"use_async=True is not supported with communicator={self.communicator!r}; "
+                "use torch_gloo or nixl, or set use_async=False")
+        return self
+
+    @model_validator(mode="after")
+    def _check_policy(self) -> "EplbConfig":
+        from eplbd.policy import available_policies  # late: policies import config-free code only
+
+        if self.policy not in available_policies():
+            raise ValueError(f"policy={self.policy!r} is not one of {available_policies()}")
+        return self
+
+
+def config_error(exc: ValidationError, *, source: str = "config") -> ConfigError:
+    """Turn a pydantic error into a ConfigError that names every bad field and value."""
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err.get("loc", ())) or "<model>"
+        value = err.get("input")
+        msg = err.get("msg", "invalid")
+        if isinstance(value, dict):
+            parts.append(f"{field}: {msg}")
+        else:
+            parts.append(f"{field}={value!r}: {msg}")
+    return ConfigError(f"invalid {source}: " + "; ".join(parts))
+
+
+def make_eplb_config(**values: Any) -> EplbConfig:
+    """Build an EplbConfig, raising ConfigError (not pydantic's error) on bad values."""
+    try:
+        return EplbConfig(**values)
+    except ValidationError as exc:
+        raise config_error(exc) from None
