@@ -45,9 +45,10 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Union, get_args
 
 import msgspec
+import msgspec.inspect
 import torch
 import zmq
 
@@ -136,12 +137,40 @@ def _check_encodable(t: torch.Tensor) -> str:
     return name
 
 
-class Encoder:
-    """Encode messages into frames; reusable, not thread-safe."""
+def _may_hold_tensor(node: Any, seen: set[int]) -> bool:
+    """Whether a ``msgspec.inspect`` type has a ``torch.Tensor``-typed position (not via ``Any``)."""
+    if isinstance(node, msgspec.inspect.CustomType):
+        return issubclass(node.cls, torch.Tensor)
+    if id(node) in seen:
+        return False
+    seen.add(id(node))
+    children: list[Any] = []
+    for value in msgspec.structs.astuple(node):
+        children.extend(value if isinstance(value, tuple) else (value,))
+    return any(
+        _may_hold_tensor(c.type if isinstance(c, msgspec.inspect.Field) else c, seen)
+        for c in children
+        if isinstance(c, (msgspec.inspect.Type, msgspec.inspect.Field))
+    )
 
-    def __init__(self) -> None:
+
+class Encoder:
+    """Encode messages into frames; reusable, not thread-safe.
+
+    Args:
+        message_types: the Struct types this encoder accepts (default: the
+            protocol's ``MESSAGE_TYPES``).
+    """
+
+    def __init__(self, message_types: tuple[type, ...] = MESSAGE_TYPES) -> None:
+        self._types = message_types
         self._enc = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
         self._frames: list[bytes | memoryview] = []
+        # A tensor in an ``Any`` field would be encoded but decoded as a plain
+        # list, leaving its frame orphaned: catch that on the sending side.
+        self._tensor_free = frozenset(
+            t for t in message_types if not _may_hold_tensor(msgspec.inspect.type_info(t), set())
+        )
 
     def _enc_hook(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
@@ -159,17 +188,17 @@ class Encoder:
         """Encode one message.
 
         Args:
-            msg: an instance of one of the ``Message`` union types.
+            msg: an instance of one of the accepted message types.
         Returns:
             ``[header, *tensor_frames]`` ready for ``send_multipart(frames, copy=False)``;
             tensor frames are memoryviews of the tensors' storage, so do not
             mutate the tensors until the frames are sent.
         Raises:
             InvalidArgumentError: ``msg`` is not a message, or holds a CUDA /
-                sparse tensor, a tensor of a dtype outside ``WIRE_DTYPES`` or a
-                value msgpack cannot carry.
+                sparse tensor, a tensor of a dtype outside ``WIRE_DTYPES``, a
+                tensor outside a tensor-typed field, or a value msgpack cannot carry.
         """
-        if not isinstance(msg, MESSAGE_TYPES):
+        if not isinstance(msg, self._types):
             raise InvalidArgumentError(f"cannot encode {type(msg).__qualname__}: not a protocol message")
         self._frames = [b""]
         try:
@@ -182,6 +211,10 @@ class Encoder:
             raise InvalidArgumentError(f"cannot encode {type(msg).__name__}: {exc}") from exc
         finally:
             self._frames = []
+        if len(frames) > 1 and type(msg) in self._tensor_free:
+            raise InvalidArgumentError(
+                f"{type(msg).__name__} has no tensor field; a tensor inside an untyped value cannot travel"
+            )
         frames[0] = header
         return frames
 
@@ -206,14 +239,17 @@ class Decoder:
     Args:
         max_frame_bytes: largest frame, and largest declared tensor, accepted
             (``MessageTooLargeError`` beyond it).
+        message_type: the tagged union (or single tagged Struct) to decode
+            (default: the protocol's ``Message``).
     """
 
-    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, message_type: Any = Message) -> None:
         if max_frame_bytes <= 0:
             raise InvalidArgumentError(f"max_frame_bytes must be positive, got {max_frame_bytes}")
         self.max_frame_bytes = max_frame_bytes
         self._env = msgspec.msgpack.Decoder(_Envelope)
-        self._msg = msgspec.msgpack.Decoder(Message, dec_hook=self._dec_hook)
+        self._msg = msgspec.msgpack.Decoder(message_type, dec_hook=self._dec_hook)
+        self._tags = frozenset(t.__struct_config__.tag for t in (get_args(message_type) or (message_type,)))
         self._tag = msgspec.msgpack.Decoder(_TagOnly)
         self._frames: list[memoryview] = []
         self._used: set[int] = set()
@@ -241,7 +277,7 @@ class Decoder:
                 )
         try:
             env = self._env.decode(views[0])
-        except (msgspec.DecodeError, RecursionError) as exc:
+        except (msgspec.DecodeError, RecursionError, ValueError) as exc:
             raise DecodeError(f"bad header frame: {exc}") from None
         check_version(env.version)
         if env.n_tensors != len(views) - 1:
@@ -260,7 +296,8 @@ class Decoder:
                     msg = self._msg.decode(env.message)
         except msgspec.ValidationError as exc:
             raise self._validation_error(env.message, exc) from None
-        except (msgspec.DecodeError, RecursionError) as exc:
+        except (msgspec.DecodeError, RecursionError, ValueError) as exc:
+            # ValueError: msgspec lets UnicodeDecodeError through for a bad str.
             raise DecodeError(f"bad message: {exc}") from None
         finally:
             used, self._frames, self._used = self._used, [], set()
@@ -273,9 +310,9 @@ class Decoder:
     def _validation_error(self, raw: msgspec.Raw, exc: Exception) -> ProtocolError:
         try:
             tag = self._tag.decode(raw).type
-        except (msgspec.DecodeError, RecursionError):
+        except (msgspec.DecodeError, RecursionError, ValueError):
             tag = ""
-        if tag and tag not in _TAGS:
+        if tag and tag not in self._tags:
             return UnknownMessageError(f"unknown message type {tag!r}")
         return DecodeError(f"invalid {tag or 'message'}: {exc}")
 
@@ -330,7 +367,5 @@ class Decoder:
             raise TensorFrameError(f"bool tensor in frame {ref.frame} holds bytes other than 0 and 1")
         return raw.view(dtype).view(ref.shape)
 
-
-_TAGS = frozenset(cls.__name__ for cls in MESSAGE_TYPES)
 
 __all__ = ["DEFAULT_MAX_FRAME_BYTES", "WIRE_DTYPES", "Decoder", "Encoder", "Frame"]
