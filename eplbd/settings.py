@@ -1,0 +1,329 @@
+"""Daemon settings and the layers they come from.
+
+``DaemonSettings`` is flat: it subclasses ``EplbConfig`` (so a vLLM
+``--eplb-config`` carries over unchanged and keeps its validation) and adds the
+daemon's own fields. Values come from four layers, highest first::
+
+    CLI flags (--window-size)  >  EPLBD_WINDOW_SIZE env  >  TOML file  >  defaults
+
+Raw values from all layers are merged first and validated once, so a value
+that is only valid together with another one (``use_async`` with a
+``communicator``) is judged on the final combination. Every error names the
+field, the bad value and the layer it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, ValidationError, field_validator
+
+from eplbd.config import EplbConfig
+from eplbd.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "EPLBD_"
+# EPLBD_* names that are not settings but are still ours; they must not be
+# reported as typos.
+CONFIG_ENV = "EPLBD_CONFIG"
+_NON_SETTING_ENV = frozenset({CONFIG_ENV})
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TCP_RE = re.compile(r"^tcp://(?P<host>\*|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(?P<port>\*|[0-9]{1,5})$")
+
+
+def _check_endpoint(value: str) -> str:
+    if value.startswith("tcp://"):
+        m = _TCP_RE.match(value)
+        # "*" is ZMQ's spelling of "any free port", same as 0.
+        if m is None or (m["port"] != "*" and int(m["port"]) > 65535):
+            raise ValueError("a tcp endpoint must be tcp://HOST:PORT with PORT in 0..65535 (or *)")
+        return value
+    for scheme in ("ipc://", "inproc://"):
+        if value.startswith(scheme):
+            if len(value) == len(scheme):
+                raise ValueError(f"an {scheme} endpoint needs a name after {scheme!r}")
+            return value
+    raise ValueError("an endpoint must be tcp://HOST:PORT, ipc://PATH or inproc://NAME")
+
+
+class DaemonSettings(EplbConfig):
+    """Everything the daemon is configured with: the EPLB fields plus its own.
+
+    Frozen: a run-time change goes through ``apply_update``, which returns a new
+    validated object, so a task holding the old one never sees half an update.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
+
+    rpc: str = Field(default="tcp://127.0.0.1:7450",
+                     description="ROUTER endpoint for request/reply (registration, plans, operator commands).")
+    ingest: str = Field(default="tcp://127.0.0.1:7451", description="PULL endpoint for load reports.")
+    metrics_host: str = Field(default="127.0.0.1", description="Address the HTTP metrics server binds.")
+    metrics_port: int = Field(default=7452, ge=-1, le=65535,
+                              description="HTTP port for /metrics, /healthz, /readyz (0 = any free port, "
+                                          "-1 = disabled).")
+    state_dir: str | None = Field(default=None,
+                                  description="Directory where the placement and plans survive a restart "
+                                              "(unset = in memory only).")
+    heartbeat_timeout_s: float = Field(default=10.0, gt=0,
+                                       description="A rank silent for this long is considered gone.")
+    max_frame_bytes: int = Field(default=64 * 1024 * 1024, gt=0,
+                                 description="Largest frame accepted from a peer, in bytes.")
+    max_steps_ahead: int = Field(default=100000, gt=0,
+                                 description="Reject load reports whose step is this far ahead of the "
+                                             "newest one seen.")
+    initial_placement: Literal["linear", "round_robin"] = Field(
+        default="linear", description="Placement of epoch 0 when no state or worker supplies one.")
+    commit_interval_steps: int = Field(default=16, gt=0,
+                                       description="Step cadence at which ranks agree in-band to commit "
+                                                   "staged layers.")
+    log_level: str = Field(default="INFO", description=f"Logging level, one of {', '.join(_LOG_LEVELS)}.")
+    log_json: bool = Field(default=False, description="Write logs as one JSON object per line.")
+
+    @field_validator("rpc", "ingest")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        return _check_endpoint(value)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level == "WARN":
+            level = "WARNING"
+        if level not in _LOG_LEVELS:
+            raise ValueError(f"log level must be one of {', '.join(_LOG_LEVELS)}")
+        return level
+
+    def eplb_config(self) -> EplbConfig:
+        """Returns:
+            The ``EplbConfig`` part of these settings (what the scheduler and policies take).
+        """
+        return EplbConfig.model_validate(self.model_dump(include=set(EplbConfig.model_fields)))
+
+
+FIELDS: tuple[str, ...] = tuple(DaemonSettings.model_fields)
+
+# Keys an operator may change on a running daemon. Endpoints, the state dir and
+# the metrics port are bound at start; num_redundant_experts changes the slot
+# count the workers allocated; the communicator is set up by the workers.
+RUNTIME_MUTABLE: frozenset[str] = frozenset({
+    "step_interval", "min_gain", "log_balancedness", "log_balancedness_interval", "policy",
+    "plan_timeout_s", "window_size", "heartbeat_timeout_s", "commit_interval_steps",
+})
+if not RUNTIME_MUTABLE <= set(FIELDS):  # pragma: no cover - guards the table itself
+    raise RuntimeError(f"RUNTIME_MUTABLE names unknown fields: {sorted(RUNTIME_MUTABLE - set(FIELDS))}")
+
+
+def env_name(field: str) -> str:
+    """Returns: the environment variable that sets ``field`` (``EPLBD_WINDOW_SIZE``)."""
+    return ENV_PREFIX + field.upper()
+
+
+def flag_name(field: str) -> str:
+    """Returns: the command-line flag that sets ``field`` (``--window-size``)."""
+    return "--" + field.replace("_", "-")
+
+
+def _suggest(name: str) -> str:
+    close = difflib.get_close_matches(name, FIELDS, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _describe_errors(exc: ValidationError, sources: Mapping[str, str]) -> str:
+    """One line per error: field, bad value, where it came from, what is wrong."""
+    parts = []
+    for err in exc.errors():
+        loc = err.get("loc", ())
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        if loc:
+            field = str(loc[0])
+            src = sources.get(field, "default")
+            parts.append(f"{field}={err.get('input')!r} (from {src}): {msg}")
+        else:
+            # A cross-field rule: its message quotes the values; add where each
+            # field it mentions came from.
+            named = [f for f in FIELDS if f in sources and re.search(rf"\b{f}\b", msg)]
+            where = ", ".join(f"{f} from {sources[f]}" for f in named)
+            parts.append(f"{msg}" + (f" ({where})" if where else ""))
+    return "; ".join(parts)
+
+
+def _validate(raw: Mapping[str, Any], sources: Mapping[str, str], what: str) -> DaemonSettings:
+    try:
+        return DaemonSettings.model_validate(dict(raw))
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {what}: " + _describe_errors(exc, sources)) from None
+
+
+def _none_if_empty(field: str, value: Any) -> Any:
+    # The environment and a shell flag cannot say "unset"; an empty string does.
+    if value == "" and DaemonSettings.model_fields[field].default is None:
+        return None
+    return value
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read settings file {str(path)!r}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML in settings file {str(path)!r}: {exc}") from None
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        # Accept the flag spelling too (window-size), as people copy from --help.
+        field = key.replace("-", "_")
+        if field not in DaemonSettings.model_fields:
+            raise ConfigError(f"unknown setting {key!r} in {str(path)!r}{_suggest(field)}")
+        if field in out:
+            raise ConfigError(f"setting {field!r} is given twice in {str(path)!r}")
+        out[field] = value
+    return out
+
+
+def load_settings(*, config_file: str | Path | None = None, env: Mapping[str, str] | None = None,
+                  cli: Mapping[str, Any] | None = None) -> DaemonSettings:
+    """Build the settings from defaults, a TOML file, the environment and CLI values.
+
+    Args:
+        config_file: a flat TOML file of ``field = value`` lines, or None for none.
+        env: the environment to read ``EPLBD_<FIELD>`` strings from (default ``os.environ``).
+            Unknown ``EPLBD_*`` names are logged as warnings, not rejected, since
+            other tools may share the prefix.
+        cli: field name -> value given on the command line (only flags the user gave).
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        ConfigError: an unreadable or malformed file, an unknown key in the file or
+            in ``cli``, or a bad value; the message names field, value and source.
+    """
+    env = os.environ if env is None else env
+    cli = {} if cli is None else cli
+    raw: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    if config_file is not None:
+        path = Path(config_file)
+        for field, value in _read_toml(path).items():
+            raw[field], sources[field] = value, str(path)
+
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name in _NON_SETTING_ENV:
+            continue
+        field = name[len(ENV_PREFIX):].lower()
+        if field not in DaemonSettings.model_fields:
+            log.warning("ignoring environment variable %s: not an eplbd setting%s", name, _suggest(field))
+            continue
+        raw[field], sources[field] = _none_if_empty(field, value), f"env {name}"
+
+    for key, value in cli.items():
+        field = key.replace("-", "_")
+        if field not in DaemonSettings.model_fields:
+            raise ConfigError(f"unknown setting {key!r} (from {flag_name(field)}){_suggest(field)}")
+        raw[field], sources[field] = _none_if_empty(field, value), flag_name(field)
+
+    return _validate(raw, sources, "settings")
+
+
+def _arg_kwargs(field: str) -> dict[str, Any]:
+    info = DaemonSettings.model_fields[field]
+    ann = info.annotation
+    kwargs: dict[str, Any] = {"dest": field, "default": argparse.SUPPRESS}
+    default = "unset" if info.default is None else info.default
+    # argparse %-formats help strings.
+    desc = (info.description or "").replace("%", "%%")
+    kwargs["help"] = f"{desc} [env {env_name(field)}; default {default}]"
+    if ann is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(ann) is Literal:
+        kwargs["choices"] = list(typing.get_args(ann))
+    elif ann in (int, float):
+        kwargs["type"] = ann
+        kwargs["metavar"] = ann.__name__.upper()
+    else:
+        # str, str | None, and anything else: pydantic coerces the string.
+        kwargs["type"] = str
+    return kwargs
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--field-name`` flag per settings field, plus ``--config``.
+
+    Flags default to ``argparse.SUPPRESS``, so only flags the user gave appear
+    in the namespace and the lower layers (env, file, defaults) still count.
+    Booleans get ``--flag/--no-flag``.
+
+    Args:
+        parser: the parser (or subparser) to add the flags to.
+    """
+    if "--config" not in parser._option_string_actions:
+        parser.add_argument("--config", default=None, metavar="PATH",
+                            help=f"TOML settings file [env {CONFIG_ENV}]")
+    group = parser.add_argument_group("settings", "each also settable as EPLBD_<NAME> or in the TOML file")
+    for field in FIELDS:
+        group.add_argument(flag_name(field), **_arg_kwargs(field))
+
+
+def settings_from_args(ns: argparse.Namespace, *, env: Mapping[str, str] | None = None) -> DaemonSettings:
+    """Load settings for a namespace parsed with ``add_settings_arguments``' flags.
+
+    Args:
+        ns: the parsed namespace; ``ns.config`` (or ``$EPLBD_CONFIG`` when it is
+            None) names the TOML file.
+        env: the environment (default ``os.environ``).
+
+    Returns:
+        The validated settings.
+    """
+    env = os.environ if env is None else env
+    config_file = getattr(ns, "config", None) or env.get(CONFIG_ENV) or None
+    given = vars(ns)
+    cli = {f: given[f] for f in FIELDS if f in given}
+    return load_settings(config_file=config_file, env=env, cli=cli)
+
+
+def apply_update(settings: DaemonSettings, key: str, value: Any) -> DaemonSettings:
+    """Change one run-time mutable setting.
+
+    Args:
+        settings: the current settings; never modified.
+        key: a name in ``RUNTIME_MUTABLE``.
+        value: the new value; a string (from eplbctl) is coerced like an env value.
+
+    Returns:
+        A new validated ``DaemonSettings``.
+
+    Raises:
+        ConfigError: unknown key, a key not changeable at run time, or a bad value.
+    """
+    if key not in DaemonSettings.model_fields:
+        raise ConfigError(f"unknown setting {key!r} (value {value!r}){_suggest(key)}")
+    if key not in RUNTIME_MUTABLE:
+        raise ConfigError(f"setting {key!r} cannot be changed at run time (value {value!r}); "
+                          f"mutable: {', '.join(sorted(RUNTIME_MUTABLE))}")
+    raw = settings.model_dump()
+    raw[key] = _none_if_empty(key, value)
+    return _validate(raw, {key: "update"}, "update")
+
+
+def settings_doc() -> list[tuple[str, Any, str, str]]:
+    """Returns:
+        ``(name, default, env_name, description)`` for every field, in declaration order.
+    """
+    return [(f, info.default, env_name(f), info.description or "")
+            for f, info in DaemonSettings.model_fields.items()]
