@@ -119,7 +119,7 @@ def _tensor_frame(t: torch.Tensor) -> memoryview:
         t = t.contiguous()
     # uint8 view first: numpy has no bfloat16, and reshape(-1) lifts 0-d tensors
     # to 1-d so that view(dtype) is allowed.
-    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
+    return memoryview(t.detach().resolve_neg().reshape(-1).view(torch.uint8).numpy())
 
 
 def _check_encodable(t: torch.Tensor) -> str:

@@ -31,6 +31,7 @@ def make_socket(
     linger_ms: int = DEFAULT_LINGER_MS,
     max_msg_size: int | None = None,
     router_mandatory: bool = True,
+    immediate: bool = True,
 ) -> S:
     """Create a socket, set its options, then bind or connect it.
 
@@ -39,9 +40,7 @@ def make_socket(
         socket_type: ``zmq.PUSH``, ``zmq.PULL``, ``zmq.DEALER``, ``zmq.ROUTER``, ...
         bind: endpoint to bind (``tcp://127.0.0.1:0`` picks a free port; read it
             back with ``bound_endpoint``). Exactly one of ``bind``/``connect``.
-        connect: endpoint to connect to; connecting sockets get ``IMMEDIATE`` so
-            that nothing queues for a peer that is not there (a reporter's send
-            fails fast and counts a drop instead of filling memory).
+        connect: endpoint to connect to.
         identity: routing id of a DEALER as its ROUTER peer will see it.
         hwm: send and receive high-water marks (messages), bounding memory.
         linger_ms: how long ``close`` keeps trying to deliver queued messages,
@@ -50,6 +49,12 @@ def make_socket(
             is disconnected by libzmq before any of it reaches Python.
         router_mandatory: for ROUTER sockets, make a send to an unknown or gone
             peer raise ``zmq.ZMQError(EHOSTUNREACH)`` instead of dropping silently.
+        immediate: for connecting sockets, set ``IMMEDIATE`` so that nothing
+            queues for a peer that is not there: a reporter's ``NOBLOCK`` send
+            fails fast (``zmq.Again``, a counted drop) instead of filling memory.
+            This includes the first moments after ``connect``, before the TCP
+            handshake completes; a caller that must not lose its first message
+            waits with ``sock.poll(timeout_ms, zmq.POLLOUT)``.
     Returns:
         The bound or connected socket (``zmq.asyncio.Socket`` for an asyncio context).
     """
@@ -71,7 +76,8 @@ def make_socket(
         if bind is not None:
             sock.bind(bind)
         else:
-            sock.setsockopt(zmq.IMMEDIATE, 1)
+            if immediate:
+                sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.connect(connect)
     except BaseException:
         sock.close(linger=0)
@@ -80,7 +86,7 @@ def make_socket(
 
 
 def bound_endpoint(sock: zmq.Socket) -> str:
-    """The endpoint ``sock`` was last bound to, with the real port (``tcp://127.0.0.1:41234``)."""
+    """The endpoint ``sock`` was last bound (or connected) to, with the real port (``tcp://127.0.0.1:41234``)."""
     endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
     if isinstance(endpoint, bytes):
         endpoint = endpoint.decode()

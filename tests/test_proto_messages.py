@@ -60,7 +60,7 @@ def _stats(x: float) -> m.BalanceStats:
     return m.BalanceStats(min=x, p50=x + 0.1, p90=x + 0.2, mean=x + 0.05, aggregate=x + 0.07)
 
 
-def examples() -> list[m._Message]:
+def examples() -> list[m.MessageBase]:
     """One instance of every message type, every defaulted field set to a non-default value."""
     return [
         m.Hello(role="operator", protocol_version=1, client_id="ctl-1", req_id=1),

@@ -1,0 +1,188 @@
+"""Operator requests and their replies (``eplbctl`` <-> daemon, over the daemon's ROUTER)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import torch
+
+from .base import MessageBase, check_tensor
+
+
+# --- operator ----------------------------------------------------------------
+class WorkerInfo(msgspec.Struct, kw_only=True):
+    rank: int
+    worker_id: str
+    alive: bool
+    last_seen_s: float  # seconds since the last message from this worker
+    node: int = 0
+    epoch: int = -1
+    hostname: str = ""
+
+
+class BalanceStats(msgspec.Struct, kw_only=True):
+    """Balancedness (mean rank load / max rank load) over layers; ``aggregate`` is vLLM's."""
+
+    min: float
+    p50: float
+    p90: float
+    mean: float
+    aggregate: float
+
+
+class PlanInfo(MessageBase):
+    """A plan as stored by the daemon; reply to ``GetPlanRequest``.
+
+    ``phy2log``: [len(layers), num_physical_experts] int64 when asked for, else None.
+    ``timings``: phase name -> seconds (e.g. "decide", "stage", "commit").
+    """
+
+    plan_id: int
+    epoch: int
+    base_epoch: int
+    state: str  # one of PLAN_STATES
+    reason: str = ""
+    layers: list[int] = msgspec.field(default_factory=list)
+    policy: str = ""
+    predicted_before: float = 0.0
+    predicted_after: float = 0.0
+    moved_slots: int = 0
+    moved_bytes: int = 0
+    created_at: float = 0.0  # unix time
+    timings: dict[str, float] = msgspec.field(default_factory=dict)
+    phy2log: torch.Tensor | None = None
+
+
+class StatusRequest(MessageBase):
+    pass
+
+
+class StatusReply(MessageBase):
+    epoch: int
+    step: int
+    paused: bool
+    workers: list[WorkerInfo] = msgspec.field(default_factory=list)
+    window_fill: int = 0  # steps in the window now
+    window_size: int = 0
+    current_plan: PlanInfo | None = None
+    last_decision_reason: str = ""
+    reports_received: int = 0
+    reports_dropped: int = 0
+    drop_reasons: dict[str, int] = msgspec.field(default_factory=dict)
+    daemon_id: str = ""
+    ep_size: int = 0
+    policy: str = ""
+    next_rebalance_step: int = -1
+    uptime_s: float = 0.0
+
+
+class BalancednessRequest(MessageBase):
+    per_layer: bool = False
+    per_rank: bool = False
+
+
+class BalancednessReply(MessageBase):
+    """``per_rank_load``: [num_layers, ep_size] float64 mean load per rank (if asked for)."""
+
+    observed: BalanceStats
+    predicted: BalanceStats
+    per_layer_observed: list[float] | None = None
+    per_layer_predicted: list[float] | None = None
+    per_rank_load: torch.Tensor | None = None
+    epoch: int = 0
+    window_fill: int = 0
+
+    def __post_init__(self) -> None:
+        if self.per_rank_load is not None:
+            check_tensor("BalancednessReply.per_rank_load", self.per_rank_load, 2, (torch.float64, torch.float32))
+
+
+class RebalanceRequest(MessageBase):
+    """Plan now. ``force`` pushes even when the predicted gain is below the threshold."""
+
+    dry_run: bool = False
+    layers: list[int] | None = None
+    policy: str | None = None
+    force: bool = False
+
+
+class RebalanceReply(MessageBase):
+    """Outcome of a rebalance; ``phy2log``: [len(layers), num_physical_experts] int64 or None."""
+
+    plan_id: int
+    epoch: int
+    pushed: bool
+    skipped: bool
+    reason: str = ""
+    predicted_before: float = 0.0
+    predicted_after: float = 0.0
+    moved_slots: int = 0
+    moved_bytes: int = 0
+    phy2log: torch.Tensor | None = None
+    layers: list[int] = msgspec.field(default_factory=list)
+    policy: str = ""
+
+    def __post_init__(self) -> None:
+        if self.phy2log is not None:
+            check_tensor("RebalanceReply.phy2log", self.phy2log, 2, (torch.int64,))
+
+
+class PauseRequest(MessageBase):
+    reason: str = ""
+
+
+class ResumeRequest(MessageBase):
+    pass
+
+
+class GetPlanRequest(MessageBase):
+    """The plan that produced ``epoch`` (None: the latest), or plan ``plan_id`` if given."""
+
+    epoch: int | None = None
+    plan_id: int | None = None
+    with_placement: bool = False
+
+
+class GetPlacementRequest(MessageBase):
+    epoch: int | None = None  # None: the current placement
+
+
+class PlacementReply(MessageBase):
+    """``phy2log``: [num_layers, num_physical_experts] int64 in force at ``epoch``."""
+
+    epoch: int
+    phy2log: torch.Tensor
+    ep_size: int = 0
+
+    def __post_init__(self) -> None:
+        check_tensor("PlacementReply.phy2log", self.phy2log, 2, (torch.int64,))
+
+
+class DumpWindowRequest(MessageBase):
+    path: str  # on the daemon's filesystem
+
+
+class DumpWindowReply(MessageBase):
+    path: str
+    steps: int
+
+
+class LoadPlacementRequest(MessageBase):
+    """Push the placement in a file (on the daemon's filesystem); answered by ``RebalanceReply``."""
+
+    path: str
+    dry_run: bool = False
+
+
+class GetConfigRequest(MessageBase):
+    pass
+
+
+class SetConfigRequest(MessageBase):
+    key: str
+    value: Any
+
+
+class ConfigReply(MessageBase):
+    config: dict[str, Any]
