@@ -118,9 +118,53 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from eplbd.settings import add_settings_arguments
+
+    p = sub.add_parser("serve", allow_abbrev=False, help="run the daemon",
+                       description="Run the coordinator: bind the ingest (PULL) and RPC (ROUTER) sockets and "
+                                   "the metrics port, then balance. Precedence: flags > EPLBD_* env > TOML > "
+                                   "defaults. Prints 'READY rpc=... ingest=... metrics_port=...' once bound.")
+    add_settings_arguments(p)
+    p.set_defaults(func=_cmd_serve)
+
+
+def setup_logging(level: str = "INFO", as_json: bool = False) -> None:
+    """Structured logs on stderr: key=value text, or one JSON object a line."""
+    import logging
+
+    class _Json(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            doc = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+                   "msg": record.getMessage()}
+            if record.exc_info:
+                doc["exc"] = self.formatException(record.exc_info)
+            return json.dumps(doc)
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Json() if as_json else logging.Formatter(
+        "ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from eplbd.server import serve
+    from eplbd.settings import settings_from_args
+
+    settings = settings_from_args(args)
+    setup_logging(settings.log_level, settings.log_json)
+    uvloop.run(serve(settings))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eplbd", allow_abbrev=False, description="Expert-parallel load balancing daemon.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(sub)
     _add_replay(sub)
     _add_convert(sub)
     return parser

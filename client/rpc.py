@@ -1,0 +1,156 @@
+"""Operator clients for the daemon's RPC socket: ``EplbClient`` (sync) and ``AsyncEplbClient``.
+
+Each operation is written once in ``_Operations``; the two clients differ only
+in ``_call`` (a blocking round trip, or a coroutine), so ``client.status()``
+returns a ``StatusReply`` and ``await aclient.status()`` does the same.
+A request that gets no reply within ``timeout`` raises ``UnavailableError``;
+an ``ErrorReply`` is raised as its typed ``EplbdError``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from eplbd.errors import UnavailableError, UnexpectedMessageError
+from eplbd.proto import (PROTOCOL_VERSION, REPLY_TYPE_FOR, BalancednessRequest, Decoder,
+                         DumpWindowRequest, Encoder, ErrorReply, GetConfigRequest, GetPlacementRequest,
+                         GetPlanRequest, Hello, LoadPlacementRequest, PauseRequest, RebalanceRequest,
+                         ResumeRequest, SetConfigRequest, StatusRequest, make_socket)
+
+DEFAULT_ENDPOINT = os.environ.get("EPLBD_RPC", "tcp://127.0.0.1:7450")
+
+
+class _Operations:
+    """The daemon's operator API; see the module docstring."""
+
+    def _call(self, msg: Any) -> Any:  # pragma: no cover - supplied by subclasses
+        raise NotImplementedError
+
+    def hello(self):
+        return self._call(Hello(role="operator", protocol_version=PROTOCOL_VERSION, client_id=self.client_id))
+
+    def status(self):
+        return self._call(StatusRequest())
+
+    def balancedness(self, *, per_layer: bool = False, per_rank: bool = False):
+        return self._call(BalancednessRequest(per_layer=per_layer, per_rank=per_rank))
+
+    def rebalance(self, *, dry_run: bool = False, layers: list[int] | None = None, policy: str | None = None,
+                  force: bool = False):
+        return self._call(RebalanceRequest(dry_run=dry_run, layers=layers, policy=policy, force=force))
+
+    def pause(self, reason: str = ""):
+        return self._call(PauseRequest(reason=reason))
+
+    def resume(self):
+        return self._call(ResumeRequest())
+
+    def get_plan(self, *, epoch: int | None = None, plan_id: int | None = None):
+        return self._call(GetPlanRequest(epoch=epoch, plan_id=plan_id))
+
+    def get_placement(self, epoch: int | None = None):
+        return self._call(GetPlacementRequest(epoch=epoch))
+
+    def dump_window(self, path: str):
+        return self._call(DumpWindowRequest(path=path))
+
+    def load_placement(self, path: str, *, dry_run: bool = False):
+        return self._call(LoadPlacementRequest(path=path, dry_run=dry_run))
+
+    def get_config(self):
+        return self._call(GetConfigRequest())
+
+    def set_config(self, key: str, value: Any):
+        return self._call(SetConfigRequest(key=key, value=value))
+
+
+class _Base(_Operations):
+    def __init__(self, endpoint: str, timeout: float, ctx: zmq.Context) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.client_id = f"op-{uuid.uuid4().hex[:8]}"
+        self._enc, self._dec = Encoder(), Decoder()
+        self._ids = itertools.count(1)
+        # linger 0: an operator tool that gave up must not hang on exit.
+        self._sock = make_socket(ctx, zmq.DEALER, connect=endpoint, linger_ms=0, hwm=100)
+
+    def _prepare(self, msg: Any) -> tuple[int, list]:
+        msg.req_id = next(self._ids)
+        return msg.req_id, self._enc.encode(msg)
+
+    def _finish(self, req: Any, req_id: int, frames: list) -> Any | None:
+        reply = self._dec.decode(frames)
+        if getattr(reply, "req_id", None) != req_id:
+            return None  # a late reply to an earlier, timed-out request
+        if isinstance(reply, ErrorReply):
+            raise reply.to_exc()
+        want = REPLY_TYPE_FOR.get(type(req))
+        if want is not None and not isinstance(reply, want):
+            raise UnexpectedMessageError(f"expected {want.__name__} for {type(req).__name__}, "
+                                         f"got {type(reply).__name__}")
+        return reply
+
+    def _unavailable(self) -> UnavailableError:
+        return UnavailableError(f"no reply from eplbd at {self.endpoint} within {self.timeout:g}s")
+
+
+class EplbClient(_Base):
+    """Blocking client. Args: endpoint (the daemon's ``rpc``), timeout in seconds per request."""
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = 5.0,
+                 ctx: zmq.Context | None = None) -> None:
+        super().__init__(endpoint, timeout, ctx or zmq.Context.instance())
+
+    def _call(self, msg: Any) -> Any:
+        req_id, frames = self._prepare(msg)
+        self._sock.send_multipart(frames, copy=False)
+        deadline_ms = int(self.timeout * 1000)
+        while True:
+            if not self._sock.poll(deadline_ms):
+                raise self._unavailable()
+            reply = self._finish(msg, req_id, self._sock.recv_multipart(copy=False))
+            if reply is not None:
+                return reply
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+    def __enter__(self) -> "EplbClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncEplbClient(_Base):
+    """Asyncio client; one request at a time per client (create several for concurrency)."""
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = 5.0,
+                 ctx: zmq.asyncio.Context | None = None) -> None:
+        super().__init__(endpoint, timeout, ctx or zmq.asyncio.Context.instance())
+
+    async def _call(self, msg: Any) -> Any:
+        req_id, frames = self._prepare(msg)
+        await self._sock.send_multipart(frames, copy=False)
+        deadline_ms = int(self.timeout * 1000)
+        while True:
+            if not await self._sock.poll(deadline_ms):
+                raise self._unavailable()
+            reply = self._finish(msg, req_id, await self._sock.recv_multipart(copy=False))
+            if reply is not None:
+                return reply
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+    async def __aenter__(self) -> "AsyncEplbClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()

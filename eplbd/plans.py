@@ -1,0 +1,152 @@
+"""Plan records and the daemon's persisted state.
+
+A plan moves through ``pending`` (pushed, ranks staging) -> ``committing``
+(every rank staged a layer and the daemon permitted it) -> ``committed`` (every
+rank acked every layer) or ``aborted`` (with the reason). Only one plan is in
+flight at a time.
+
+The state dir holds ``state.json``: the current epoch, its placement and the
+topology, written atomically (temp file + rename) after every commit, so a
+restarted daemon resumes at the right epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from eplbd.errors import PlacementError
+from eplbd.proto import PlanInfo
+
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+
+
+@dataclass
+class PlanRecord:
+    """One plan and what happened to it.
+
+    Attributes:
+        phy2log: ``[layers, num_physical]`` int64, the full placement after the plan.
+        layers: the layers the plan changes.
+        ready: rank -> layers that rank has staged.
+        acked: rank -> layers that rank has applied.
+        permitted: layers the daemon told the ranks they may commit.
+    """
+
+    plan_id: int
+    epoch: int
+    base_epoch: int
+    layers: list[int]
+    phy2log: torch.Tensor
+    policy: str
+    reason: str
+    predicted_before: float
+    predicted_after: float
+    moved_slots: int
+    moved_bytes: int
+    created_at: float
+    state: str = "pending"
+    end_reason: str = ""
+    ready: dict[int, set[int]] = field(default_factory=dict)
+    acked: dict[int, set[int]] = field(default_factory=dict)
+    permitted: set[int] = field(default_factory=set)
+    timings: dict[str, float] = field(default_factory=dict)
+    started_mono: float = field(default_factory=time.monotonic)
+    progress_mono: float = field(default_factory=time.monotonic)
+
+    @property
+    def in_flight(self) -> bool:
+        return self.state in ("pending", "committing")
+
+    def mark(self, phase: str) -> None:
+        """Record seconds since the plan was pushed at the first time ``phase`` happens."""
+        self.timings.setdefault(phase, time.monotonic() - self.started_mono)
+        self.progress_mono = time.monotonic()
+
+    def layers_ready_everywhere(self, ranks: range) -> set[int]:
+        sets = [self.ready.get(r, set()) for r in ranks]
+        return set.intersection(*sets) if sets else set()
+
+    def layers_acked_everywhere(self, ranks: range) -> set[int]:
+        sets = [self.acked.get(r, set()) for r in ranks]
+        return set.intersection(*sets) if sets else set()
+
+    def info(self) -> PlanInfo:
+        reason = self.reason if not self.end_reason else f"{self.reason}; {self.state}: {self.end_reason}"
+        return PlanInfo(plan_id=self.plan_id, epoch=self.epoch, base_epoch=self.base_epoch, state=self.state,
+                        reason=reason, layers=list(self.layers), policy=self.policy,
+                        predicted_before=self.predicted_before, predicted_after=self.predicted_after,
+                        moved_slots=self.moved_slots, moved_bytes=self.moved_bytes,
+                        created_at=self.created_at, timings=dict(self.timings))
+
+
+@dataclass
+class PersistedState:
+    epoch: int
+    phy2log: torch.Tensor
+    topology: dict
+    next_plan_id: int
+
+
+def save_state(state_dir: str | os.PathLike, st: PersistedState) -> None:
+    """Write ``state.json`` atomically."""
+    d = pathlib.Path(state_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    doc = {"version": STATE_VERSION, "epoch": st.epoch, "phy2log": st.phy2log.tolist(),
+           "topology": st.topology, "next_plan_id": st.next_plan_id, "saved_at": time.time()}
+    tmp = d / (STATE_FILE + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, d / STATE_FILE)
+
+
+def load_state(state_dir: str | os.PathLike) -> PersistedState | None:
+    """Read ``state.json``; None if there is none. A corrupt file is an error, not silently ignored."""
+    path = pathlib.Path(state_dir) / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        phy2log = torch.tensor(doc["phy2log"], dtype=torch.int64)
+        if phy2log.ndim != 2:
+            raise ValueError(f"phy2log has {phy2log.ndim} dims")
+        return PersistedState(int(doc["epoch"]), phy2log, dict(doc["topology"]), int(doc.get("next_plan_id", 1)))
+    except Exception as exc:
+        raise PlacementError(f"state file {str(path)!r} is corrupt: {type(exc).__name__}: {exc}") from None
+
+
+def read_placement_file(path: str | os.PathLike) -> torch.Tensor:
+    """Read a placement JSON file: ``{"phy2log": [[...], ...]}`` or a bare list of rows.
+
+    SGLang's ``{"physical_to_logical_map": ...}`` key is accepted too.
+    Returns ``[layers, num_physical]`` int64 (not yet validated against a topology).
+    """
+    p = pathlib.Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise PlacementError(f"placement file {str(p)!r} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise PlacementError(f"placement file {str(p)!r} is not valid JSON: {exc}") from None
+    if isinstance(doc, dict):
+        for key in ("phy2log", "physical_to_logical_map"):
+            if key in doc:
+                doc = doc[key]
+                break
+        else:
+            raise PlacementError(f"placement file {str(p)!r} has no 'phy2log' key (keys: {sorted(doc)})")
+    try:
+        t = torch.tensor(doc, dtype=torch.int64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise PlacementError(f"placement file {str(p)!r}: phy2log is not a rectangular integer array ({exc})") from None
+    if t.ndim != 2:
+        raise PlacementError(f"placement file {str(p)!r}: phy2log must be [layers, num_physical], got shape {list(t.shape)}")
+    return t

@@ -1,0 +1,291 @@
+"""The daemon's I/O shell: sockets, tasks, signals around ``DaemonState``.
+
+Sockets (DESIGN.md section 4): a PULL bound at ``settings.ingest`` for load
+reports, a ROUTER bound at ``settings.rpc`` for every request/reply and for the
+plans, commits and aborts pushed to ranks. Three tasks: the ingest loop, the
+RPC loop and the tick loop (scheduler, liveness, balancedness log). One
+shutdown path: ``request_stop()`` (SIGTERM/SIGINT call it too) -> the loops
+finish their current message -> sockets close -> ``run()`` returns.
+
+A malformed frame is answered with a typed ``ErrorReply`` (ROUTER) or counted
+as a dropped report (PULL); it never reaches the state and never ends a loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from eplbd.errors import EplbdError, ProtocolError
+from eplbd.metrics import MetricsServer
+from eplbd.observe import DaemonMetrics
+from eplbd.proto import (PROTOCOL_VERSION, REQUEST_TYPES, Abort, Ack, BalancednessRequest, ConfigReply, Decoder,
+                         DumpWindowReply, DumpWindowRequest, Encoder, ErrorReply, GetConfigRequest,
+                         GetPlacementRequest, GetPlanRequest, Heartbeat, Hello, LayerReady, LoadPlacementRequest,
+                         LoadReport, OkReply, PauseRequest, PlacementReply, RebalanceRequest, RegisterWorker,
+                         ResumeRequest, SetConfigRequest, StatusRequest, Welcome, bound_endpoint, check_version,
+                         expect, make_socket)
+from eplbd.settings import DaemonSettings, apply_update
+from eplbd.state import DaemonState, Outgoing
+
+log = logging.getLogger("eplbd.server")
+
+TICK_S = 0.05
+METRICS_REFRESH_S = 1.0
+INGEST_BATCH = 256  # messages drained per wake-up, so a flood cannot starve the RPC loop
+
+
+class Daemon:
+    """Args:
+        settings: validated ``DaemonSettings``.
+        ctx: the process's asyncio ZMQ context (one per process; created if omitted).
+    """
+
+    def __init__(self, settings: DaemonSettings, *, ctx: zmq.asyncio.Context | None = None) -> None:
+        self.settings = settings
+        self.state = DaemonState(settings)
+        self._ctx = ctx or zmq.asyncio.Context()
+        self._own_ctx = ctx is None
+        self._enc, self._dec = Encoder(), Decoder(max_frame_bytes=settings.max_frame_bytes)
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.metrics = DaemonMetrics()
+        self._metrics_server: MetricsServer | None = None
+        self.rpc_endpoint = self.ingest_endpoint = ""
+        self.metrics_port = -1
+        self._last_logged_step = -1
+        self._last_refresh = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.settings
+        self._router = make_socket(self._ctx, zmq.ROUTER, bind=s.rpc, max_msg_size=s.max_frame_bytes)
+        self._pull = make_socket(self._ctx, zmq.PULL, bind=s.ingest, max_msg_size=s.max_frame_bytes, hwm=10_000)
+        self.rpc_endpoint, self.ingest_endpoint = bound_endpoint(self._router), bound_endpoint(self._pull)
+        if s.metrics_port >= 0:
+            self._metrics_server = MetricsServer(self.metrics.registry, s.metrics_host, s.metrics_port,
+                                                 health=self._health, ready=self._ready)
+            self.metrics_port = await self._metrics_server.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.request_stop)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                pass
+        self._tasks = [asyncio.create_task(self._ingest_loop(), name="ingest"),
+                       asyncio.create_task(self._rpc_loop(), name="rpc"),
+                       asyncio.create_task(self._tick_loop(), name="tick")]
+        log.info("eplbd %s listening: rpc=%s ingest=%s metrics=%s", self.state.daemon_id, self.rpc_endpoint,
+                 self.ingest_endpoint, self.metrics_port if self.metrics_port >= 0 else "off")
+
+    def request_stop(self) -> None:
+        """The one way to stop: signal handlers and operators end up here."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Run until ``request_stop``; then drain and close."""
+        await self._stop.wait()
+        await self.close()
+
+    async def close(self) -> None:
+        self._stop.set()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
+        self._router.close(linger=200)
+        self._pull.close(linger=0)
+        if self._own_ctx:
+            self._ctx.term()
+        log.info("eplbd stopped")
+
+    # -- health ----------------------------------------------------------------------
+    def _health(self) -> tuple[bool, str]:
+        return self.metrics.health(self.state, time.monotonic())
+
+    def _ready(self) -> tuple[bool, str]:
+        st = self.state
+        if st.topo is None:
+            return False, "no workers registered"
+        if not st.all_ranks_alive(time.time()):
+            return False, f"{st._alive_count(time.time())}/{st.topo.num_gpus} ranks alive"
+        return True, "ready"
+
+    # -- loops ----------------------------------------------------------------------------
+    async def _ingest_loop(self) -> None:
+        # A sync shadow of the same socket drains what is queued without a
+        # Future per message (an asyncio socket's NOBLOCK recv returns a Future).
+        drain = zmq.Socket.shadow(self._pull.underlying)
+        while not self._stop.is_set():
+            frames = await self._pull.recv_multipart(copy=False)
+            self._ingest(frames)
+            for _ in range(INGEST_BATCH):
+                try:
+                    frames = drain.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._ingest(frames)
+
+    def _ingest(self, frames: list) -> None:
+        now = time.time()
+        try:
+            msg = self._dec.decode(frames)
+            if not isinstance(msg, LoadReport):
+                raise ProtocolError(f"{type(msg).__name__} sent to the ingest socket")
+        except Exception as exc:  # ProtocolError, or a bug: either way one report, not the loop
+            self.state.counters.reports_received += 1
+            self.state.counters.drop("malformed")
+            log.info("dropped malformed report: %s", exc)
+            return
+        if self.state.window is None:
+            self.state.counters.reports_received += 1
+            self.state.counters.drop("unknown_rank")
+            return
+        try:
+            self.state.ingest(msg, now)
+        except Exception:
+            log.exception("internal error applying a report")
+            self.state.counters.drop("internal_error")
+
+    async def _rpc_loop(self) -> None:
+        while not self._stop.is_set():
+            frames = await self._router.recv_multipart(copy=False)
+            if len(frames) < 2:
+                continue
+            identity, body = frames[0].bytes, frames[1:]
+            reply, out = self._handle(identity, body)
+            if reply is not None:
+                self._send(identity, reply)
+            self._route(out)
+
+    def _handle(self, identity: bytes, body: list) -> tuple[Any, list[Outgoing]]:
+        req_id = 0
+        try:
+            msg = self._dec.decode(body)
+            req_id = getattr(msg, "req_id", 0)
+            expect(msg, REQUEST_TYPES, "the RPC socket")
+            return self._dispatch(msg, identity, time.time())
+        except EplbdError as exc:
+            return ErrorReply.from_exc(exc, req_id=req_id), []
+        except Exception as exc:  # a bug must cost one request, not the daemon
+            log.exception("internal error handling a request")
+            return ErrorReply.from_exc(exc, req_id=req_id), []
+
+    def _dispatch(self, msg: Any, identity: bytes, now: float) -> tuple[Any, list[Outgoing]]:
+        st, rid = self.state, msg.req_id
+        ok = OkReply(req_id=rid)
+        match msg:
+            case Hello():
+                check_version(msg.protocol_version)
+                return Welcome(protocol_version=PROTOCOL_VERSION, daemon_id=st.daemon_id, epoch=st.epoch,
+                               req_id=rid), []
+            case RegisterWorker():
+                reply, out = st.register(msg, identity, now)
+                return reply, out
+            case Heartbeat():
+                st.heartbeat(msg.rank, msg.worker_id, msg.step, now)
+                return ok, []
+            case LayerReady():
+                return ok, st.layer_ready(msg, now)
+            case Ack():
+                return ok, st.ack(msg, now)
+            case Abort():
+                return ok, st.worker_abort(msg, now)
+            case StatusRequest():
+                reply = st.status(now)
+                reply.req_id = rid
+                return reply, []
+            case BalancednessRequest():
+                reply = st.balancedness(msg.per_layer, msg.per_rank)
+                reply.req_id = rid
+                return reply, []
+            case RebalanceRequest():
+                return st.rebalance(dry_run=msg.dry_run, layers=msg.layers, policy=msg.policy, force=msg.force,
+                                    now=now, req_id=rid)
+            case PauseRequest():
+                st.paused, st._decided = True, True
+                st.last_decision_reason = f"paused by operator{': ' + msg.reason if msg.reason else ''}"
+                return OkReply(message="schedule paused", req_id=rid), []
+            case ResumeRequest():
+                st.paused, st._decided = False, True
+                st.last_decision_reason = "resumed by operator"
+                return OkReply(message="schedule resumed", req_id=rid), []
+            case GetPlanRequest():
+                info = st.get_plan(msg.epoch, msg.plan_id).info()
+                info.req_id = rid
+                return info, []
+            case GetPlacementRequest():
+                e = st.epoch if msg.epoch is None else msg.epoch
+                return PlacementReply(epoch=e, phy2log=st.get_placement(msg.epoch), ep_size=st.topo.num_gpus,
+                                      req_id=rid), []
+            case DumpWindowRequest():
+                return DumpWindowReply(path=msg.path, steps=st.dump_window(msg.path), req_id=rid), []
+            case LoadPlacementRequest():
+                return st.load_placement(msg.path, dry_run=msg.dry_run, now=now, req_id=rid)
+            case GetConfigRequest():
+                return ConfigReply(config=self.settings.model_dump(mode="json"), req_id=rid), []
+            case SetConfigRequest():
+                self.settings = apply_update(self.settings, msg.key, msg.value)
+                st.set_settings(self.settings)
+                log.info("config %s set to %r by operator", msg.key, getattr(self.settings, msg.key))
+                return ConfigReply(config=self.settings.model_dump(mode="json"), req_id=rid), []
+        raise ProtocolError(f"no handler for {type(msg).__name__}")
+
+    def _send(self, identity: bytes, msg: Any) -> bool:
+        try:
+            self._router.send_multipart([identity, *self._enc.encode(msg)], copy=False, flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or its queue full
+            log.warning("could not send %s to %r: %s", type(msg).__name__, identity, exc)
+            return False
+
+    def _route(self, out: list[Outgoing]) -> None:
+        for item in out:
+            ranks = list(self.state.workers) if item.rank is None else [item.rank]
+            for r in ranks:
+                w = self.state.workers.get(r)
+                if w is not None:
+                    self._send(w.identity, item.msg)
+
+    async def _tick_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._route(self.state.tick(time.time()))
+                self._log_balancedness()
+                if time.monotonic() - self._last_refresh >= METRICS_REFRESH_S:
+                    self._last_refresh = time.monotonic()
+                    self.metrics.refresh(self.state, time.time())
+            except Exception:  # keep scheduling whatever one tick did
+                log.exception("scheduler tick failed")
+            await asyncio.sleep(TICK_S)
+
+    def _log_balancedness(self) -> None:
+        st = self.state
+        if not self.settings.log_balancedness or st.window is None or st.window.newest_step < 0:
+            return
+        step = st.window.newest_step
+        interval = self.settings.log_balancedness_interval
+        if step // interval == self._last_logged_step // interval:
+            return
+        self._last_logged_step = step
+        b = st.balancedness()
+        log.info("balancedness step=%d epoch=%d observed min=%.4f mean=%.4f agg=%.4f predicted mean=%.4f",
+                 step, st.epoch, b.observed.min, b.observed.mean, b.observed.aggregate, b.predicted.mean)
+
+
+async def serve(settings: DaemonSettings, *, ready_line: bool = True) -> None:
+    """Run a daemon until SIGTERM/SIGINT; print one ``READY`` line with the bound endpoints."""
+    daemon = Daemon(settings)
+    await daemon.start()
+    if ready_line:
+        print(f"READY rpc={daemon.rpc_endpoint} ingest={daemon.ingest_endpoint} metrics_port={daemon.metrics_port}",
+              flush=True)
+    await daemon.run()

@@ -1,0 +1,520 @@
+"""The daemon's state and every operation on it, without sockets.
+
+``DaemonState`` takes decoded messages and returns what to send: the I/O shell
+(``eplbd.server``) routes ``Outgoing`` items to ranks by their registered
+identity. Tests drive it directly with made-up times.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from eplbd.errors import (EplbdError, InvalidArgumentError, NotFoundError, NotReadyError,
+                          NotRegisteredError, PlanConflictError, RegistrationMismatchError)
+from eplbd.plans import PersistedState, PlanRecord, load_state, read_placement_file, save_state
+from eplbd.policy import (get_policy, observed_balancedness, predicted_balancedness, rank_loads, summarize,
+                          validate_placement)
+from eplbd.proto import (Abort, Ack, BalancednessReply, BalanceStats, Commit, LayerReady, LoadReport,
+                         Plan, RebalanceReply, RegisterWorker, Registered, StatusReply, WorkerInfo)
+from eplbd.scheduler import Proposal, SchedulerState, Topology, decide, propose
+from eplbd.trace import save_trace
+from eplbd.window import LoadWindow, ReportRejected
+
+log = logging.getLogger("eplbd.state")
+
+# Fields every rank of one EP group must agree on at registration.
+_GROUP_FIELDS = ("ep_size", "num_layers", "num_logical_experts", "num_physical_experts",
+                 "num_local_physical_experts", "num_groups", "num_nodes")
+
+
+@dataclass
+class Worker:
+    rank: int
+    worker_id: str
+    identity: bytes
+    node: int
+    hostname: str
+    epoch: int
+    expert_bytes: int
+    last_seen: float
+    last_seq: int = -1
+    step: int = 0
+
+
+@dataclass
+class Outgoing:
+    """A message for one rank (``rank``) or for every registered rank (``rank is None``)."""
+
+    msg: Any
+    rank: int | None = None
+
+
+@dataclass
+class Counters:
+    reports_received: int = 0
+    reports_dropped: int = 0
+    drop_reasons: dict[str, int] = field(default_factory=dict)
+    plans: dict[str, int] = field(default_factory=lambda: {"committed": 0, "aborted": 0, "skipped": 0})
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.reports_dropped += n
+        self.drop_reasons[reason] = self.drop_reasons.get(reason, 0) + n
+
+
+def _stats(s) -> BalanceStats:
+    return BalanceStats(min=s.min, p50=s.p50, p90=s.p90, mean=s.mean, aggregate=s.aggregate)
+
+
+class DaemonState:
+    """Everything the daemon knows. ``settings`` is a ``DaemonSettings`` (or an ``EplbConfig``
+    carrying the daemon fields used here); it may be replaced at run time by ``set_settings``."""
+
+    def __init__(self, settings, *, daemon_id: str | None = None) -> None:
+        self.settings = settings
+        self.daemon_id = daemon_id or f"eplbd-{uuid.uuid4().hex[:8]}"
+        self.started = time.time()
+        self.topo: Topology | None = None
+        self.group: dict[str, int] = {}
+        self.workers: dict[int, Worker] = {}
+        self.epoch = 0
+        self.phy2log: torch.Tensor | None = None
+        self.placements: dict[int, torch.Tensor] = {}  # epoch -> phy2log, recent epochs only
+        self.window: LoadWindow | None = None
+        self.plans: dict[int, PlanRecord] = {}
+        self.current_plan: PlanRecord | None = None
+        self.next_plan_id = 1
+        self.paused = False
+        self.last_plan_step = -1
+        self.last_decision_reason = "no workers registered yet"
+        self._decided = False
+        self.last_commit_time: float | None = None
+        self.counters = Counters()
+        self._persisted: PersistedState | None = None
+        if getattr(settings, "state_dir", None):
+            self._persisted = load_state(settings.state_dir)
+            if self._persisted is not None:
+                self._restore(self._persisted)
+                log.info("restored epoch %d from %s", self.epoch, settings.state_dir)
+
+    def _restore(self, p: PersistedState) -> None:
+        """Serve the persisted placement until workers register (they then confirm or override it)."""
+        self.epoch, self.next_plan_id = p.epoch, p.next_plan_id
+        try:
+            g = {f: int(p.topology[f]) for f in _GROUP_FIELDS}
+        except (KeyError, TypeError, ValueError):
+            return
+        self.group = g
+        self.topo = Topology(num_layers=g["num_layers"], num_logical=g["num_logical_experts"],
+                             num_physical=g["num_physical_experts"], num_gpus=g["ep_size"],
+                             num_nodes=g["num_nodes"], num_groups=g["num_groups"])
+        self.phy2log = p.phy2log
+        self.placements = {self.epoch: self.phy2log}
+        self.window = LoadWindow(self.settings.window_size, self.topo.num_layers, self.topo.num_logical,
+                                 self.topo.num_physical, max_steps_ahead=self.settings.max_steps_ahead)
+        self.window.set_epoch(self.epoch)
+
+    # -- registration -----------------------------------------------------------------
+    def register(self, msg: RegisterWorker, identity: bytes, now: float) -> tuple[Registered, list[Outgoing]]:
+        """Admit a rank; the first one defines the group, the others must match it.
+
+        A re-registering rank (a new ``worker_id``) replaces its old incarnation and
+        aborts any plan in flight, since the new process holds no staged weights.
+        """
+        shape = {f: int(getattr(msg, f)) for f in _GROUP_FIELDS}
+        if shape["num_physical_experts"] != shape["num_local_physical_experts"] * shape["ep_size"]:
+            raise RegistrationMismatchError(
+                f"rank {msg.rank}: num_physical_experts={shape['num_physical_experts']} != "
+                f"num_local_physical_experts={shape['num_local_physical_experts']} x ep_size={shape['ep_size']}")
+        validate_placement(msg.phy2log, msg.num_logical_experts, msg.ep_size, msg.num_layers)
+        alive_others = [w for r, w in self.workers.items() if r != msg.rank and self.alive(w, now)]
+        out: list[Outgoing] = []
+        if self.topo is not None and alive_others:
+            for f, v in shape.items():
+                if self.group[f] != v:
+                    raise RegistrationMismatchError(
+                        f"rank {msg.rank} registers {f}={v} but the group has {f}={self.group[f]}")
+            if msg.epoch != self.epoch or not torch.equal(msg.phy2log, self.phy2log):
+                raise RegistrationMismatchError(
+                    f"rank {msg.rank} is on epoch {msg.epoch} with a different placement than the group "
+                    f"(epoch {self.epoch}); restart it on the group's placement")
+        else:
+            self._adopt(msg, shape)
+        if msg.rank in self.workers and self.current_plan is not None and self.current_plan.in_flight:
+            out += self.abort_plan(f"rank {msg.rank} re-registered (worker {msg.worker_id})")
+        self.workers[msg.rank] = Worker(msg.rank, msg.worker_id, identity, msg.node, msg.hostname, msg.epoch,
+                                        msg.expert_bytes, now, step=msg.step)
+        log.info("rank %d registered (worker %s, epoch %d, %d/%d ranks)", msg.rank, msg.worker_id,
+                 msg.epoch, len(self.workers), self.group["ep_size"])
+        reply = Registered(epoch=self.epoch, daemon_id=self.daemon_id,
+                           heartbeat_interval_s=self.settings.heartbeat_timeout_s / 4,
+                           commit_interval_steps=self.settings.commit_interval_steps, req_id=msg.req_id)
+        return reply, out
+
+    def _adopt(self, msg: RegisterWorker, shape: dict[str, int]) -> None:
+        """Take the group's shape and placement from a worker (workers run what they report)."""
+        topo = Topology(num_layers=msg.num_layers, num_logical=msg.num_logical_experts,
+                        num_physical=msg.num_physical_experts, num_gpus=msg.ep_size,
+                        num_nodes=msg.num_nodes, num_groups=msg.num_groups)
+        persisted = self._persisted
+        if persisted is not None:
+            same_shape = persisted.topology == shape
+            if same_shape and persisted.epoch == msg.epoch and torch.equal(persisted.phy2log, msg.phy2log):
+                log.info("workers match the persisted placement at epoch %d", msg.epoch)
+            else:
+                log.warning("workers report epoch %d; persisted state had epoch %d (%s): following the workers",
+                            msg.epoch, persisted.epoch, "same shape" if same_shape else "other shape")
+        if self.topo != topo or self.window is None:
+            self.window = LoadWindow(self.settings.window_size, topo.num_layers, topo.num_logical,
+                                     topo.num_physical, max_steps_ahead=self.settings.max_steps_ahead)
+        self.topo, self.group = topo, shape
+        self.epoch = msg.epoch
+        self.phy2log = msg.phy2log.clone()
+        self.placements = {self.epoch: self.phy2log}
+        self.window.set_epoch(self.epoch)
+        self.last_plan_step = msg.step - 1 if msg.step > 0 else -1
+        self._persist()
+
+    def alive(self, w: Worker, now: float) -> bool:
+        return now - w.last_seen <= self.settings.heartbeat_timeout_s
+
+    def all_ranks_alive(self, now: float) -> bool:
+        return (self.topo is not None and len(self.workers) == self.topo.num_gpus
+                and all(self.alive(w, now) for w in self.workers.values()))
+
+    def _worker(self, rank: int, worker_id: str, now: float) -> Worker:
+        w = self.workers.get(rank)
+        if w is None or (worker_id and w.worker_id != worker_id):
+            raise NotRegisteredError(f"rank {rank} (worker {worker_id!r}) is not registered")
+        w.last_seen = now
+        return w
+
+    def heartbeat(self, rank: int, worker_id: str, step: int, now: float) -> None:
+        w = self._worker(rank, worker_id, now)
+        w.step = max(w.step, step)
+
+    # -- load ingest ------------------------------------------------------------------
+    def ingest(self, rep: LoadReport, now: float) -> bool:
+        """Apply one load report; False (and a counted drop with a reason) if refused."""
+        self.counters.reports_received += 1
+        w = self.workers.get(rep.rank)
+        if w is None or w.worker_id != rep.worker_id:
+            self.counters.drop("unknown_rank")
+            log.debug("dropped report from unknown rank %d worker %s", rep.rank, rep.worker_id)
+            return False
+        w.last_seen = now
+        if rep.seq <= w.last_seq:
+            self.counters.drop("duplicate")
+            return False
+        if w.last_seq >= 0 and rep.seq > w.last_seq + 1:
+            # Reports the sender never got out (or we never got): counted, not silent.
+            self.counters.drop("seq_gap", rep.seq - w.last_seq - 1)
+        w.last_seq = rep.seq
+        if rep.dropped_steps:
+            self.counters.drop("sender_overflow_steps", rep.dropped_steps)
+        phy2log = self.placements.get(rep.epoch)
+        if phy2log is None:
+            self.counters.drop("unknown_epoch")
+            log.info("dropped report of rank %d for unknown epoch %d (current %d)", rep.rank, rep.epoch, self.epoch)
+            return False
+        try:
+            self.window.add(rep.first_step, rep.load, phy2log.numpy(), epoch=rep.epoch)
+        except ReportRejected as exc:
+            self.counters.drop(exc.reason)
+            log.info("dropped report of rank %d: %s", rep.rank, exc)
+            return False
+        w.step = max(w.step, rep.first_step + rep.load.shape[0] - 1)
+        return True
+
+    # -- schedule -----------------------------------------------------------------------
+    def scheduler_state(self, *, manual: bool = False) -> SchedulerState:
+        plan = self.current_plan if self.current_plan is not None and self.current_plan.in_flight else None
+        return SchedulerState(step=self.window.newest_step if self.window else -1,
+                              last_plan_step=self.last_plan_step,
+                              window_fill=self.window.fill if self.window else 0,
+                              paused=self.paused, manual=manual,
+                              plan_started_at=plan.started_mono if plan else None)
+
+    def tick(self, now: float, mono: float | None = None) -> list[Outgoing]:
+        """One scheduler step: maybe push a plan, maybe abort a stuck one."""
+        mono = time.monotonic() if mono is None else mono
+        if self.topo is None:
+            self.last_decision_reason = "no workers registered yet"
+            return []
+        d = decide(mono, self.scheduler_state(), self.settings)
+        if d.action == "abort":
+            self.last_decision_reason = d.reason
+            return self.abort_plan(d.reason)
+        if d.action == "wait":
+            # A wait reason is shown only until the first real decision: after
+            # that, status keeps saying why the last plan was pushed or skipped.
+            if not self._decided:
+                self.last_decision_reason = d.reason
+            return []
+        self._decided = True
+        if not self.all_ranks_alive(now):
+            self.last_decision_reason = (f"re-plan due but only {self._alive_count(now)}/{self.topo.num_gpus} "
+                                         "ranks are registered and alive")
+            return []
+        self.last_plan_step = self.window.newest_step
+        prop = propose(self.window.logical_load(), self.phy2log, self.topo, self.settings)
+        self.last_decision_reason = f"{d.reason}: {prop.reason}"
+        log.info("scheduled re-plan: %s", self.last_decision_reason)
+        if not prop.accept:
+            self.counters.plans["skipped"] += 1
+            return []
+        _, out = self._start_plan(prop)
+        return out
+
+    def _alive_count(self, now: float) -> int:
+        return sum(self.alive(w, now) for w in self.workers.values())
+
+    def _moved_bytes(self, moved: int) -> int:
+        per_expert = max((w.expert_bytes for w in self.workers.values()), default=0)
+        return int(moved) * per_expert
+
+    def _start_plan(self, prop: Proposal) -> tuple[PlanRecord, list[Outgoing]]:
+        moved = int(prop.moved_slots.sum())
+        rec = PlanRecord(plan_id=self.next_plan_id, epoch=self.epoch + 1, base_epoch=self.epoch,
+                         layers=list(prop.layers), phy2log=prop.phy2log.clone(), policy=prop.policy,
+                         reason=prop.reason, predicted_before=float(prop.before.mean()),
+                         predicted_after=float(prop.after.mean()), moved_slots=moved,
+                         moved_bytes=self._moved_bytes(moved), created_at=time.time())
+        self.next_plan_id += 1
+        self.plans[rec.plan_id] = rec
+        self.current_plan = rec
+        self.placements[rec.epoch] = rec.phy2log
+        self._persist()
+        plan = Plan(plan_id=rec.plan_id, epoch=rec.epoch, base_epoch=rec.base_epoch, layers=rec.layers,
+                    phy2log=rec.phy2log[rec.layers].contiguous(), policy=rec.policy, reason=rec.reason,
+                    timeout_s=self.settings.plan_timeout_s)
+        log.info("plan %d pushed: epoch %d, %d layers, %d moved slots", rec.plan_id, rec.epoch,
+                 len(rec.layers), moved)
+        return rec, [Outgoing(plan)]
+
+    def _plan(self, plan_id: int, epoch: int) -> PlanRecord | None:
+        rec = self.plans.get(plan_id)
+        if rec is None or rec.epoch != epoch or not rec.in_flight:
+            return None
+        return rec
+
+    def layer_ready(self, msg: LayerReady, now: float) -> list[Outgoing]:
+        """A rank staged some layers; permit the layers every rank has staged."""
+        self._worker(msg.rank, msg.worker_id, now)
+        rec = self._plan(msg.plan_id, msg.epoch)
+        if rec is None:
+            return []  # late or duplicate: idempotent
+        rec.ready.setdefault(msg.rank, set()).update(l for l in msg.layers if l in rec.layers)
+        rec.mark("first_ready")
+        everywhere = rec.layers_ready_everywhere(range(self.topo.num_gpus)) - rec.permitted
+        if not everywhere:
+            return []
+        rec.permitted |= everywhere
+        rec.state = "committing"
+        if rec.permitted >= set(rec.layers):
+            rec.mark("staged")
+        return [Outgoing(Commit(plan_id=rec.plan_id, epoch=rec.epoch, layers=sorted(everywhere)))]
+
+    def ack(self, msg: Ack, now: float) -> list[Outgoing]:
+        """A rank applied some layers; when every rank applied every layer the plan is committed."""
+        w = self._worker(msg.rank, msg.worker_id, now)
+        rec = self._plan(msg.plan_id, msg.epoch)
+        if rec is None:
+            return []
+        rec.acked.setdefault(msg.rank, set()).update(l for l in msg.layers if l in rec.permitted)
+        rec.mark("first_ack")
+        if rec.layers_acked_everywhere(range(self.topo.num_gpus)) >= set(rec.layers):
+            w.epoch = rec.epoch
+            self._commit(rec)
+        return []
+
+    def _commit(self, rec: PlanRecord) -> None:
+        rec.state = "committed"
+        rec.mark("committed")
+        self.epoch, self.phy2log = rec.epoch, rec.phy2log
+        for w in self.workers.values():
+            w.epoch = rec.epoch
+        # Keep the previous epoch's placement so late reports recorded under it still map.
+        self.placements = {e: p for e, p in self.placements.items() if e >= rec.epoch - 1}
+        self.window.set_epoch(self.epoch)
+        self.current_plan = rec
+        self.last_commit_time = time.time()
+        self.counters.plans["committed"] += 1
+        self._persist()
+        log.info("plan %d committed: epoch %d in %.3fs", rec.plan_id, rec.epoch, rec.timings["committed"])
+
+    def abort_plan(self, reason: str, *, rank: int = -1) -> list[Outgoing]:
+        rec = self.current_plan
+        if rec is None or not rec.in_flight:
+            return []
+        rec.state, rec.end_reason = "aborted", reason
+        rec.mark("aborted")
+        self.placements.pop(rec.epoch, None)
+        self.counters.plans["aborted"] += 1
+        self._persist()
+        log.warning("plan %d aborted: %s", rec.plan_id, reason)
+        return [Outgoing(Abort(plan_id=rec.plan_id, epoch=rec.epoch, reason=reason, rank=rank))]
+
+    def worker_abort(self, msg: Abort, now: float) -> list[Outgoing]:
+        if msg.rank >= 0 and msg.rank in self.workers:
+            self.workers[msg.rank].last_seen = now
+        if self._plan(msg.plan_id, msg.epoch) is None:
+            return []
+        return self.abort_plan(f"rank {msg.rank} failed: {msg.reason}", rank=msg.rank)
+
+    # -- operator operations ----------------------------------------------------------
+    def _require_group(self) -> None:
+        if self.topo is None or self.window is None:
+            raise NotReadyError("no workers have registered yet")
+
+    def status(self, now: float) -> StatusReply:
+        workers = [WorkerInfo(rank=w.rank, worker_id=w.worker_id, alive=self.alive(w, now),
+                              last_seen_s=now - w.last_seen, node=w.node, epoch=w.epoch, hostname=w.hostname)
+                   for w in sorted(self.workers.values(), key=lambda w: w.rank)]
+        st = self.scheduler_state()
+        nxt = (st.last_plan_step if st.last_plan_step >= 0 else -1) + self.settings.step_interval
+        return StatusReply(epoch=self.epoch, step=st.step, paused=self.paused, workers=workers,
+                           window_fill=st.window_fill, window_size=self.settings.window_size,
+                           current_plan=self.current_plan.info() if self.current_plan else None,
+                           last_decision_reason=self.last_decision_reason,
+                           reports_received=self.counters.reports_received,
+                           reports_dropped=self.counters.reports_dropped,
+                           drop_reasons=dict(self.counters.drop_reasons), daemon_id=self.daemon_id,
+                           ep_size=self.topo.num_gpus if self.topo else 0, policy=self.settings.policy,
+                           next_rebalance_step=nxt, uptime_s=time.time() - self.started)
+
+    def balancedness(self, per_layer: bool = False, per_rank: bool = False) -> BalancednessReply:
+        self._require_group()
+        snap = self.window.snapshot()
+        g = self.topo.num_gpus
+        obs_rank = rank_loads(torch.from_numpy(snap.physical), g)
+        obs = observed_balancedness(torch.from_numpy(snap.physical), g)
+        pred = predicted_balancedness(torch.from_numpy(snap.logical), self.phy2log, g)
+        from eplbd.policy import spread_logical_load
+        pred_rank = rank_loads(spread_logical_load(torch.from_numpy(snap.logical), self.phy2log), g)
+        return BalancednessReply(
+            observed=_stats(summarize(obs, obs_rank)), predicted=_stats(summarize(pred, pred_rank)),
+            per_layer_observed=obs.tolist() if per_layer else None,
+            per_layer_predicted=pred.tolist() if per_layer else None,
+            per_rank_load=obs_rank.to(torch.float64) if per_rank else None,
+            epoch=self.epoch, window_fill=snap.steps)
+
+    def rebalance(self, *, dry_run: bool, layers: list[int] | None, policy: str | None, force: bool,
+                  now: float, req_id: int = 0) -> tuple[RebalanceReply, list[Outgoing]]:
+        self._require_group()
+        if self.window.fill == 0:
+            raise NotReadyError("the load window is empty: no load reports received yet")
+        if not dry_run:
+            d = decide(time.monotonic(), self.scheduler_state(manual=True), self.settings)
+            if d.action != "plan":
+                raise PlanConflictError(f"cannot start a plan now: {d.reason}")
+            if not self.all_ranks_alive(now):
+                raise NotReadyError(f"only {self._alive_count(now)}/{self.topo.num_gpus} ranks are alive")
+        if policy is not None:
+            get_policy(policy)  # PolicyError naming the bad name and the available ones
+        prop = propose(self.window.logical_load(), self.phy2log, self.topo, self.settings, policy=policy,
+                       layers=layers, force=force)
+        return self._proposal_reply(prop, dry_run, req_id, "operator rebalance")
+
+    def _proposal_reply(self, prop: Proposal, dry_run: bool, req_id: int,
+                        what: str) -> tuple[RebalanceReply, list[Outgoing]]:
+        moved = int(prop.moved_slots.sum())
+        reply = RebalanceReply(plan_id=0, epoch=self.epoch, pushed=False, skipped=not prop.accept,
+                               reason=prop.reason, predicted_before=float(prop.before.mean()),
+                               predicted_after=float(prop.after.mean()), moved_slots=moved,
+                               moved_bytes=self._moved_bytes(moved), phy2log=prop.phy2log,
+                               layers=list(prop.layers), policy=prop.policy, req_id=req_id)
+        self.last_decision_reason = f"{what}{' (dry run)' if dry_run else ''}: {prop.reason}"
+        self._decided = True
+        if dry_run or not prop.accept:
+            if not prop.accept:
+                self.counters.plans["skipped"] += 1
+            return reply, []
+        rec, out = self._start_plan(prop)
+        reply.plan_id, reply.epoch, reply.pushed = rec.plan_id, rec.epoch, True
+        return reply, out
+
+    def load_placement(self, path: str, *, dry_run: bool, now: float, req_id: int = 0):
+        self._require_group()
+        new = read_placement_file(path)
+        want = (self.topo.num_layers, self.topo.num_physical)
+        if tuple(new.shape) != want:
+            raise InvalidArgumentError(f"placement in {path!r} has shape {list(new.shape)}, the group needs {list(want)}")
+        validate_placement(new, self.topo.num_logical, self.topo.num_gpus, self.topo.num_layers)
+        if not dry_run:
+            d = decide(time.monotonic(), self.scheduler_state(manual=True), self.settings)
+            if self.current_plan is not None and self.current_plan.in_flight:
+                raise PlanConflictError(f"cannot start a plan now: {d.reason}")
+            if not self.all_ranks_alive(now):
+                raise NotReadyError(f"only {self._alive_count(now)}/{self.topo.num_gpus} ranks are alive")
+        from eplbd.policy import moved_slots
+        load = torch.from_numpy(self.window.logical_load())
+        before = predicted_balancedness(load, self.phy2log, self.topo.num_gpus).numpy()
+        after = predicted_balancedness(load, new, self.topo.num_gpus).numpy()
+        changed = [l for l in range(self.topo.num_layers) if not torch.equal(new[l], self.phy2log[l])]
+        prop = Proposal(new, changed, before, after, moved_slots(self.phy2log, new, self.topo.num_gpus).numpy(),
+                        bool(changed), f"placement loaded from {path}" if changed else
+                        f"placement in {path} equals the current one", "file")
+        return self._proposal_reply(prop, dry_run, req_id, "load placement")
+
+    def get_plan(self, epoch: int | None, plan_id: int | None) -> PlanRecord:
+        if plan_id is not None:
+            rec = self.plans.get(plan_id)
+        elif epoch is not None:
+            rec = next((p for p in reversed(self.plans.values()) if p.epoch == epoch), None)
+        else:
+            rec = next(reversed(self.plans.values()), None) if self.plans else None
+        if rec is None:
+            raise NotFoundError(f"no plan with epoch={epoch} plan_id={plan_id} (plans: {sorted(self.plans)})")
+        return rec
+
+    def get_placement(self, epoch: int | None) -> torch.Tensor:
+        self._require_group()
+        e = self.epoch if epoch is None else epoch
+        p = self.placements.get(e)
+        if p is None or (e > self.epoch):
+            raise NotFoundError(f"no placement for epoch {e} (current epoch {self.epoch})")
+        return p
+
+    def dump_window(self, path: str) -> int:
+        self._require_group()
+        p = pathlib.Path(path)
+        if not p.parent.is_dir():
+            raise InvalidArgumentError(f"cannot write {path!r}: directory {str(p.parent)!r} does not exist")
+        steps, load = self.window.steps_logical()
+        save_trace(p, load, steps=steps, meta={"source": "eplbd dump", "daemon_id": self.daemon_id,
+                                               "epoch": self.epoch, "ep_size": self.topo.num_gpus})
+        return int(steps.size)
+
+    def set_settings(self, settings) -> None:
+        old = self.settings
+        self.settings = settings
+        if self.window is not None and settings.window_size != old.window_size:
+            self._resize_window(settings.window_size)
+
+    def _resize_window(self, size: int) -> None:
+        steps, load = self.window.steps_logical()
+        snap_epoch = self.window.epoch
+        win = LoadWindow(size, self.topo.num_layers, self.topo.num_logical, self.topo.num_physical,
+                         max_steps_ahead=self.settings.max_steps_ahead)
+        win.set_epoch(snap_epoch)
+        for s, row in zip(steps[-size:], load[-size:]):
+            win.add_logical(int(s), row)
+        self.window = win
+
+    # -- persistence ------------------------------------------------------------------
+    def _persist(self) -> None:
+        if not getattr(self.settings, "state_dir", None) or self.phy2log is None:
+            return
+        try:
+            save_state(self.settings.state_dir, PersistedState(self.epoch, self.phy2log, dict(self.group),
+                                                               self.next_plan_id))
+        except OSError as exc:  # a full disk must not take the daemon down
+            log.error("cannot write state to %s: %s", self.settings.state_dir, exc)
