@@ -92,6 +92,13 @@ def _cmd_replay(args: argparse.Namespace) -> int:
               f"{r.policy_ms_mean:>10.2f}")
     print("balancedness = mean rank load / max rank load per step and layer, averaged (1.0 = perfect); "
           "static = initial placement kept throughout.")
+    for r in results:
+        if r.mean_balancedness_static > 0:
+            gain = r.mean_balancedness / r.mean_balancedness_static - 1
+            print(f"{r.policy}: rebalancing every {config.step_interval} steps takes balancedness from "
+                  f"{r.mean_balancedness_static:.3f} to {r.mean_balancedness:.3f} ({gain:+.0%}): the slowest GPU "
+                  f"waits {1 / r.mean_balancedness_static - 1 / r.mean_balancedness:.2f}x the mean load less "
+                  f"per step; each re-plan moved {r.moved_slots / max(r.rebalances, 1) / r.total_slots:.0%} of slots.")
     return 0
 
 
