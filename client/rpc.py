@@ -109,8 +109,11 @@ class EplbClient(_Base):
 
     def _call(self, msg: Any) -> Any:
         req_id, frames = self._prepare(msg)
-        self._sock.send_multipart(frames, copy=False)
         deadline_ms = int(self.timeout * 1000)
+        # With IMMEDIATE a DEALER that has no connected peer blocks in send.
+        if not self._sock.poll(deadline_ms, zmq.POLLOUT):
+            raise self._unavailable()
+        self._sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
         while True:
             if not self._sock.poll(deadline_ms):
                 raise self._unavailable()
@@ -137,8 +140,10 @@ class AsyncEplbClient(_Base):
 
     async def _call(self, msg: Any) -> Any:
         req_id, frames = self._prepare(msg)
-        await self._sock.send_multipart(frames, copy=False)
         deadline_ms = int(self.timeout * 1000)
+        if not await self._sock.poll(deadline_ms, zmq.POLLOUT):
+            raise self._unavailable()
+        await self._sock.send_multipart(frames, copy=False)
         while True:
             if not await self._sock.poll(deadline_ms):
                 raise self._unavailable()

@@ -53,7 +53,10 @@ class WorkerLink:
     def request(self, msg: Any) -> Any:
         """Send a request and wait for its reply; pushed messages that arrive meanwhile are queued."""
         msg.req_id = next(self._ids)
-        self._dealer.send_multipart(self._enc.encode(msg), copy=False)
+        # With IMMEDIATE a DEALER that has no connected peer blocks in send.
+        if not self._dealer.poll(int(self.timeout * 1000), zmq.POLLOUT):
+            raise UnavailableError(f"rank {self.rank}: eplbd at {self.rpc} not reachable within {self.timeout:g}s")
+        self._dealer.send_multipart(self._enc.encode(msg), copy=False, flags=zmq.NOBLOCK)
         while True:
             if not self._dealer.poll(int(self.timeout * 1000)):
                 raise UnavailableError(f"rank {self.rank}: no reply from eplbd at {self.rpc} "

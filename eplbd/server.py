@@ -133,6 +133,9 @@ class Daemon:
                 except zmq.Again:
                     break
                 self._ingest(frames)
+            # With a backlog, pyzmq hands back already-finished futures, so the
+            # await above never yields: give the RPC and tick loops their turn.
+            await asyncio.sleep(0)
 
     def _ingest(self, frames: list) -> None:
         now = time.time()
@@ -165,6 +168,7 @@ class Daemon:
             if reply is not None:
                 self._send(identity, reply)
             self._route(out)
+            await asyncio.sleep(0)  # same reason as in the ingest loop
 
     def _handle(self, identity: bytes, body: list) -> tuple[Any, list[Outgoing]]:
         req_id = 0

@@ -207,3 +207,26 @@ def test_seq_gaps_are_counted():
         assert wait_for(lambda: d.state.counters.drop_reasons.get("seq_gap") == 2)
         for link in links:
             link.close()
+
+
+async def test_async_client_same_operations():
+    from eplbd.client.rpc import AsyncEplbClient
+
+    with DaemonThread() as d:
+        links, _ = make_ranks(d)
+        async with AsyncEplbClient(d.rpc, timeout=5) as c:
+            st = await c.status()
+            assert st.ep_size == G and len(st.workers) == G
+            assert (await c.pause()).message == "schedule paused"
+            assert (await c.status()).paused
+            assert (await c.get_config()).config["window_size"] == 1000
+            with pytest.raises(errors.NotReadyError):
+                await c.rebalance()
+        for link in links:
+            link.close()
+
+
+def test_unreachable_daemon_times_out_with_typed_error():
+    with EplbClient("tcp://127.0.0.1:9", timeout=0.3) as c:
+        with pytest.raises(errors.UnavailableError, match="127.0.0.1:9"):
+            c.status()
