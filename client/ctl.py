@@ -1,13 +1,309 @@
-"""eplbctl: the operator CLI. The commands arrive with the daemon (issue 3)."""
+"""eplbctl: the operator CLI for a running eplbd.
+
+Usage: ``eplbctl [--endpoint ENDPOINT] [--timeout SECONDS] [--json] COMMAND [ARGS]``
+
+``--endpoint`` defaults to ``$EPLBD_RPC``, else ``tcp://127.0.0.1:7450``; ``--timeout`` (default 5)
+bounds each request. ``--json`` (also accepted after the command) prints exactly one JSON object
+on stdout: the daemon's reply as plain JSON (tensors as nested lists, ``req_id`` left out).
+
+Commands:
+
+``status``
+    Epoch, step, paused, window fill/size, EP size, policy, next scheduled re-plan; a table of
+    workers (rank, worker id, alive, seconds since last seen, epoch, host); the current plan
+    (id, epoch, state, reason, moved slots/bytes, phase timings); the last decision reason;
+    load reports received and dropped, with the drop reasons.
+``balancedness [--per-layer] [--per-rank]``
+    Observed and predicted (if re-planned now) balancedness, min/p50/p90/mean/aggregate, over the
+    window. ``--per-layer`` adds one row per layer; ``--per-rank`` the mean load per rank
+    (a layers x ranks matrix).
+``rebalance [--dry-run] [--layers 0,3,5] [--policy NAME] [--force]``
+    Plan now: prints whether the plan was pushed, computed only (dry run) or skipped and why,
+    the predicted balancedness before -> after, and the slots/bytes it moves. ``--force`` pushes
+    even below the daemon's ``min_gain``.
+``pause [--reason TEXT]`` / ``resume``
+    Stop / restart scheduled re-planning (manual ``rebalance`` still works while paused).
+``plan [--epoch N | --id N]``
+    The plan that produced epoch N, or plan N (default: the latest).
+``placement [--epoch N]``
+    The phy2log placement in force (at epoch N), one row per layer, slots grouped by rank.
+    JSON: ``{"epoch": N, "phy2log": [[...]], "ep_size": G}``.
+``dump PATH``
+    The daemon writes its load window as a trace (``eplbd.trace``) to PATH on *its* filesystem;
+    PATH is made absolute here first.
+``load-placement PATH [--dry-run]``
+    Push the placement in PATH (daemon's filesystem, made absolute here); prints as ``rebalance``.
+``config get [KEY]`` / ``config set KEY VALUE``
+    Show the daemon's live config (or one key), or change one key. VALUE is parsed as JSON when it
+    parses (``50``, ``true``, ``0.02``), else sent as a string; the daemon coerces and validates.
+    JSON output: ``{"config": {...}}`` (only KEY for ``get KEY``).
+
+Exit codes: 0 ok; 1 the daemon answered with an error (``eplbctl: error: NAME: MESSAGE`` on stderr,
+NAME as in ``eplbd.errors``; also ``config get`` of an unknown key); 2 usage error; 3 the daemon
+did not answer within ``--timeout``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
+from typing import Any, Callable
+
+import msgspec
+
+from eplbd.errors import EplbdError, NotFoundError, UnavailableError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+
+# --- output helpers -------------------------------------------------------------------------------
+def to_jsonable(obj: Any) -> Any:
+    """msgspec Structs -> dicts (without the wire-only ``type`` tag and ``req_id``), tensors -> nested lists."""
+    def hook(o: Any) -> Any:
+        if hasattr(o, "tolist"):
+            return o.tolist()
+        raise TypeError(f"cannot convert {type(o).__name__} to JSON")
+    out = msgspec.to_builtins(obj, enc_hook=hook)
+    if isinstance(out, dict):
+        out.pop("req_id", None)
+        out.pop("type", None)
+    return out
+
+
+def table(headers: list[str], rows: list[list[Any]], indent: str = "  ") -> list[str]:
+    """Aligned columns; text left-aligned, numeric columns right-aligned."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    right = [bool(rows) and all(_is_number(r[i]) for r in cells) for i in range(len(headers))]
+    fmt = lambda vals: indent + "  ".join(v.rjust(w) if r else v.ljust(w)  # noqa: E731
+                                          for v, w, r in zip(vals, widths, right)).rstrip()
+    return [fmt(headers), *(fmt(r) for r in cells)]
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "-" if v is None else str(v)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def _change(before: float, after: float) -> str:
+    return f"predicted balancedness {before:.4f} -> {after:.4f} ({after - before:+.4f})"
+
+
+# --- renderers: reply -> lines --------------------------------------------------------------------
+def render_plan(p: Any) -> list[str]:
+    timings = " ".join(f"{k}={v:.3f}s" for k, v in p.timings.items()) or "-"
+    return [f"plan {p.plan_id}: epoch {p.base_epoch} -> {p.epoch}, state {p.state}, policy {p.policy or '-'}, "
+            f"layers {_layers(p.layers)}",
+            f"  reason: {p.reason or '-'}",
+            f"  {_change(p.predicted_before, p.predicted_after)}",
+            f"  moved {p.moved_slots} slots ({_bytes(p.moved_bytes)}); timings {timings}"]
+
+
+def _layers(layers: list[int]) -> str:
+    return ",".join(map(str, layers)) if layers else "-"
+
+
+def render_status(s: Any, args: argparse.Namespace) -> list[str]:
+    drops = ", ".join(f"{k}={v}" for k, v in sorted(s.drop_reasons.items()))
+    out = [f"daemon {s.daemon_id or '-'}  up {s.uptime_s:.0f}s  policy {s.policy or '-'}",
+           f"epoch {s.epoch}  step {s.step}  paused {_cell(s.paused)}  window {s.window_fill}/{s.window_size}  "
+           f"EP size {s.ep_size}  next re-plan at step {s.next_rebalance_step}",
+           f"last decision: {s.last_decision_reason or '-'}",
+           f"reports: {s.reports_received} received, {s.reports_dropped} dropped" + (f" ({drops})" if drops else ""),
+           f"workers ({len(s.workers)}):"]
+    out += table(["rank", "worker", "alive", "last seen", "epoch", "host"],
+                 [[w.rank, w.worker_id, w.alive, f"{w.last_seen_s:.1f}s ago", w.epoch, w.hostname or "-"]
+                  for w in sorted(s.workers, key=lambda w: w.rank)])
+    return out + (render_plan(s.current_plan) if s.current_plan else ["plan: none yet"])
+
+
+def render_balancedness(b: Any, args: argparse.Namespace) -> list[str]:
+    keys = ["min", "p50", "p90", "mean", "aggregate"]
+    out = [f"balancedness at epoch {b.epoch} over {b.window_fill} window steps (1.0 = perfect)"]
+    out += table(["", *keys], [[name, *(getattr(st, k) for k in keys)]
+                               for name, st in (("observed", b.observed), ("predicted", b.predicted))])
+    if b.per_layer_observed is not None:
+        pred = b.per_layer_predicted or [None] * len(b.per_layer_observed)
+        out += ["per layer:", *table(["layer", "observed", "predicted"],
+                                     [[i, o, p] for i, (o, p) in enumerate(zip(b.per_layer_observed, pred))])]
+    if b.per_rank_load is not None:
+        loads = b.per_rank_load.tolist()
+        out += ["mean load per rank (layers x ranks):",
+                *table(["layer", *(f"r{r}" for r in range(len(loads[0]) if loads else 0))],
+                       [[i, *(f"{v:.1f}" for v in row)] for i, row in enumerate(loads)])]
+    return out
+
+
+def render_rebalance(r: Any, args: argparse.Namespace) -> list[str]:
+    head = (f"pushed plan {r.plan_id} -> epoch {r.epoch}" if r.pushed else
+            f"skipped: {r.reason or 'no reason given'}" if r.skipped else
+            "dry run: computed, nothing pushed")
+    out = [head + f" (layers {_layers(r.layers)}, policy {r.policy or '-'})"]
+    if r.reason and not r.skipped:
+        out.append(f"  reason: {r.reason}")
+    return out + [f"  {_change(r.predicted_before, r.predicted_after)}",
+                  f"  moves {r.moved_slots} slots ({_bytes(r.moved_bytes)})"]
+
+
+def render_placement(p: Any, args: argparse.Namespace) -> list[str]:
+    rows = p.phy2log.tolist()
+    per = len(rows[0]) // p.ep_size if rows and p.ep_size and len(rows[0]) % p.ep_size == 0 else 0
+    fmt = (lambda row: " | ".join(" ".join(map(str, row[i:i + per])) for i in range(0, len(row), per))) if per \
+        else (lambda row: " ".join(map(str, row)))
+    return [f"placement at epoch {p.epoch} (phy2log, {len(rows)} layers, EP size {p.ep_size}, "
+            "slots grouped by rank):", *(f"  layer {i:>3}: {fmt(row)}" for i, row in enumerate(rows))]
+
+
+def render_config(c: Any, args: argparse.Namespace) -> list[str]:
+    width = max(map(len, c.config), default=0)
+    return [f"{k.ljust(width)} = {json.dumps(v)}" for k, v in c.config.items()]
+
+
+# --- requests: (client, args) -> reply ------------------------------------------------------------
+def do_config(c: Any, args: argparse.Namespace) -> Any:
+    if args.action == "set":
+        reply = c.set_config(args.key, args.value)
+        key = args.key
+    else:
+        reply, key = c.get_config(), args.key
+    if key is not None:
+        if key not in reply.config:
+            raise NotFoundError(f"no config key {key!r} (keys: {', '.join(sorted(reply.config))})")
+        reply.config = {key: reply.config[key]}
+    return reply
+
+
+def _json_or_str(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+
+
+def _abspath(text: str) -> str:
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def _say(msg: str) -> Callable[[Any, argparse.Namespace], list[str]]:
+    """A one-line renderer: ``msg`` formatted with ``reply`` and ``args``."""
+    return lambda reply, args: [msg.format(reply=reply, args=args)]
+
+
+# --- the one dispatch table: name -> (help, arguments, request, renderer) -------------------------
+def A(*flags: str, **kw: Any) -> tuple:
+    """One ``add_argument`` call, as data."""
+    return flags, kw
+
+
+COMMANDS: dict[str, tuple[str, list, Callable, Callable]] = {
+    "status": ("epoch, workers, current plan, report counters", [],
+               lambda c, a: c.status(), render_status),
+    "balancedness": ("observed and predicted balancedness",
+                     [A("--per-layer", action="store_true"), A("--per-rank", action="store_true")],
+                     lambda c, a: c.balancedness(per_layer=a.per_layer, per_rank=a.per_rank), render_balancedness),
+    "rebalance": ("plan (and push) a new placement now",
+                  [A("--dry-run", action="store_true"), A("--layers", type=_int_list, metavar="0,3,5"),
+                   A("--policy", metavar="NAME"), A("--force", action="store_true")],
+                  lambda c, a: c.rebalance(dry_run=a.dry_run, layers=a.layers, policy=a.policy, force=a.force),
+                  render_rebalance),
+    "pause": ("stop scheduled re-planning", [A("--reason", default="", metavar="TEXT")],
+              lambda c, a: c.pause(a.reason), lambda r, a: ["paused" + (f": {a.reason}" if a.reason else "")]),
+    "resume": ("restart scheduled re-planning", [], lambda c, a: c.resume(), _say("resumed")),
+    "plan": ("show a plan (default: the latest)",
+             [A("--epoch", type=int, metavar="N"), A("--id", type=int, metavar="N", dest="plan_id")],
+             lambda c, a: c.get_plan(epoch=a.epoch, plan_id=a.plan_id), lambda r, a: render_plan(r)),
+    "placement": ("show the phy2log placement", [A("--epoch", type=int, metavar="N")],
+                  lambda c, a: c.get_placement(a.epoch), render_placement),
+    "dump": ("daemon writes its load window to PATH (its filesystem)", [A("path", type=_abspath)],
+             lambda c, a: c.dump_window(a.path), _say("daemon wrote {reply.steps} steps to {reply.path}")),
+    "load-placement": ("push the placement in PATH (daemon's filesystem)",
+                       [A("path", type=_abspath), A("--dry-run", action="store_true")],
+                       lambda c, a: c.load_placement(a.path, dry_run=a.dry_run), render_rebalance),
+    "config": ("get or set the daemon's live config", [], do_config, render_config),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print one JSON object on stdout")
+    parser = argparse.ArgumentParser(prog="eplbctl", allow_abbrev=False, parents=[common],
+                                     description="Operator CLI for eplbd.", epilog="exit codes: 0 ok, 1 daemon "
+                                     "error, 2 usage error, 3 daemon unreachable")
+    parser.add_argument("--endpoint", default=os.environ.get("EPLBD_RPC", "tcp://127.0.0.1:7450"),
+                        help="the daemon's RPC endpoint (default: $EPLBD_RPC or tcp://127.0.0.1:7450)")
+    parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per-request timeout")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_, arguments, _, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False, parents=[common])
+        for flags, kw in arguments:
+            p.add_argument(*flags, **kw)
+    config = sub.choices["config"].add_subparsers(dest="action", required=True, metavar="ACTION")
+    config.add_parser("get", parents=[common], allow_abbrev=False).add_argument("key", nargs="?")
+    cset = config.add_parser("set", parents=[common], allow_abbrev=False)
+    cset.add_argument("key")
+    cset.add_argument("value", type=_json_or_str, help="parsed as JSON if it parses, else a string")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("eplbctl: no daemon commands yet in this build", file=sys.stderr)
-    return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.timeout > 0:
+        parser.error(f"--timeout must be > 0, got {args.timeout:g}")
+    _, _, request, render = COMMANDS[args.command]
+    import zmq
+
+    from eplbd.client.rpc import EplbClient
+
+    ctx = zmq.Context()
+    try:
+        with EplbClient(args.endpoint, timeout=args.timeout, ctx=ctx) as client:
+            reply = request(client, args)
+    except zmq.ZMQError as exc:  # only connect() can fail here: a malformed endpoint
+        print(f"eplbctl: error: bad --endpoint {args.endpoint!r}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UnavailableError as exc:
+        print(f"eplbctl: error: {exc.name}: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except EplbdError as exc:
+        print(f"eplbctl: error: {exc.name}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        ctx.destroy(linger=0)
+    if getattr(args, "json", False):
+        sys.stdout.write(msgspec.json.encode(to_jsonable(reply)).decode() + "\n")
+    else:
+        print("\n".join(render(reply, args)))
+    return EXIT_OK
 
 
 if __name__ == "__main__":
