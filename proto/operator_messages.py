@@ -108,7 +108,7 @@ class RebalanceRequest(MessageBase):
 
 
 class RebalanceReply(MessageBase):
-    """Outcome of a rebalance; ``phy2log``: [len(layers), num_physical_experts] int64 or None."""
+    """Outcome of a rebalance; ``phy2log``: [num_layers, num_physical_experts] int64, the whole placement the plan leads to (layers outside ``layers`` unchanged), so it can be saved and loaded back; None if not computed."""
 
     plan_id: int
     epoch: int
