@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from eplbd.errors import PolicyError
+from eplbd.policy.balance import _float_array
 from eplbd.policy.placement import derive_log2phy
 
 
@@ -167,18 +168,7 @@ def check_weight(weight: torch.Tensor | np.ndarray) -> np.ndarray:
     Returns:
         [layers, num_logical] float64 ``np.ndarray`` (a copy where a conversion was needed).
     """
-    if isinstance(weight, torch.Tensor):
-        if weight.dtype == torch.bool or weight.is_complex():
-            raise PolicyError(f"weight must have an integer or float dtype, got {weight.dtype}")
-        arr = weight.detach().to(device="cpu", dtype=torch.float64).numpy()
-    elif isinstance(weight, np.ndarray):
-        if weight.dtype.kind not in "iuf":
-            raise PolicyError(f"weight must have an integer or float dtype, got {weight.dtype}")
-        arr = weight.astype(np.float64, copy=False)
-    else:
-        raise PolicyError(f"weight must be a torch.Tensor or numpy array, got {type(weight).__name__}")
-    if arr.ndim != 2:
-        raise PolicyError(f"weight must be [layers, num_logical], got shape {tuple(arr.shape)}")
+    arr = _float_array(weight, 2, "weight [layers, num_logical]")
     if arr.shape[1] == 0:
         raise PolicyError(f"weight has no logical experts: shape {tuple(arr.shape)}")
     bad = ~np.isfinite(arr) | (arr < 0)
