@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from eplbd.metrics import Registry
-from eplbd.policy import observed_balancedness, predicted_balancedness, rank_loads, summarize, spread_logical_load
 
 _STATS = ("min", "p50", "p90", "mean", "aggregate")
 _PHASES = ("first_ready", "staged", "committed", "aborted")
@@ -65,16 +62,10 @@ class DaemonMetrics:
             return
         self.step.set(st.window.newest_step)
         self.window_fill.set(st.window.fill)
-        snap = st.window.snapshot()
-        g = st.topo.num_gpus
-        phys = torch.from_numpy(snap.physical)
-        obs = summarize(observed_balancedness(phys, g), rank_loads(phys, g))
-        logical = torch.from_numpy(snap.logical)
-        pred = summarize(predicted_balancedness(logical, st.phy2log, g),
-                         rank_loads(spread_logical_load(logical, st.phy2log), g))
-        for kind, s in (("observed", obs), ("predicted", pred)):
+        b = st.balancedness()
+        for kind, stats in (("observed", b.observed), ("predicted", b.predicted)):
             for stat in _STATS:
-                self.balancedness.labels(kind=kind, stat=stat).set(getattr(s, stat))
+                self.balancedness.labels(kind=kind, stat=stat).set(getattr(stats, stat))
 
     @staticmethod
     def health(st, mono: float) -> tuple[bool, str]:

@@ -20,8 +20,8 @@ import torch
 from eplbd.errors import (EplbdError, InvalidArgumentError, NotFoundError, NotReadyError,
                           NotRegisteredError, PlanConflictError, RegistrationMismatchError)
 from eplbd.plans import PersistedState, PlanRecord, load_state, read_placement_file, save_state
-from eplbd.policy import (get_policy, observed_balancedness, predicted_balancedness, rank_loads, summarize,
-                          validate_placement)
+from eplbd.policy import (get_policy, moved_slots, observed_balancedness, predicted_balancedness, rank_loads,
+                          spread_logical_load, summarize, validate_placement)
 from eplbd.proto import (Abort, Ack, BalancednessReply, BalanceStats, Commit, LayerReady, LoadReport,
                          Plan, RebalanceReply, RegisterWorker, Registered, StatusReply, WorkerInfo)
 from eplbd.scheduler import Proposal, SchedulerState, Topology, decide, propose
@@ -397,7 +397,6 @@ class DaemonState:
         obs_rank = rank_loads(torch.from_numpy(snap.physical), g)
         obs = observed_balancedness(torch.from_numpy(snap.physical), g)
         pred = predicted_balancedness(torch.from_numpy(snap.logical), self.phy2log, g)
-        from eplbd.policy import spread_logical_load
         pred_rank = rank_loads(spread_logical_load(torch.from_numpy(snap.logical), self.phy2log), g)
         return BalancednessReply(
             observed=_stats(summarize(obs, obs_rank)), predicted=_stats(summarize(pred, pred_rank)),
@@ -454,7 +453,6 @@ class DaemonState:
                 raise PlanConflictError(f"cannot start a plan now: {d.reason}")
             if not self.all_ranks_alive(now):
                 raise NotReadyError(f"only {self._alive_count(now)}/{self.topo.num_gpus} ranks are alive")
-        from eplbd.policy import moved_slots
         load = torch.from_numpy(self.window.logical_load())
         before = predicted_balancedness(load, self.phy2log, self.topo.num_gpus).numpy()
         after = predicted_balancedness(load, new, self.topo.num_gpus).numpy()
