@@ -324,14 +324,13 @@ class DaemonState:
 
     def ack(self, msg: Ack, now: float) -> list[Outgoing]:
         """A rank applied some layers; when every rank applied every layer the plan is committed."""
-        w = self._worker(msg.rank, msg.worker_id, now)
+        self._worker(msg.rank, msg.worker_id, now)
         rec = self._plan(msg.plan_id, msg.epoch)
         if rec is None:
             return []
         rec.acked.setdefault(msg.rank, set()).update(l for l in msg.layers if l in rec.permitted)
         rec.mark("first_ack")
         if rec.layers_acked_everywhere(range(self.topo.num_gpus)) >= set(rec.layers):
-            w.epoch = rec.epoch
             self._commit(rec)
         return []
 
@@ -411,16 +410,20 @@ class DaemonState:
         if self.window.fill == 0:
             raise NotReadyError("the load window is empty: no load reports received yet")
         if not dry_run:
-            d = decide(time.monotonic(), self.scheduler_state(manual=True), self.settings)
-            if d.action != "plan":
-                raise PlanConflictError(f"cannot start a plan now: {d.reason}")
-            if not self.all_ranks_alive(now):
-                raise NotReadyError(f"only {self._alive_count(now)}/{self.topo.num_gpus} ranks are alive")
+            self._check_can_start(now)
         if policy is not None:
             get_policy(policy)  # PolicyError naming the bad name and the available ones
         prop = propose(self.window.logical_load(), self.phy2log, self.topo, self.settings, policy=policy,
                        layers=layers, force=force)
         return self._proposal_reply(prop, dry_run, req_id, "operator rebalance")
+
+    def _check_can_start(self, now: float) -> None:
+        """An operator's plan may start only with no plan in flight and every rank alive."""
+        rec = self.current_plan
+        if rec is not None and rec.in_flight:
+            raise PlanConflictError(f"cannot start a plan now: plan {rec.plan_id} (epoch {rec.epoch}) is {rec.state}")
+        if not self.all_ranks_alive(now):
+            raise NotReadyError(f"only {self._alive_count(now)}/{self.topo.num_gpus} ranks are alive")
 
     def _proposal_reply(self, prop: Proposal, dry_run: bool, req_id: int,
                         what: str) -> tuple[RebalanceReply, list[Outgoing]]:
@@ -448,11 +451,7 @@ class DaemonState:
             raise InvalidArgumentError(f"placement in {path!r} has shape {list(new.shape)}, the group needs {list(want)}")
         validate_placement(new, self.topo.num_logical, self.topo.num_gpus, self.topo.num_layers)
         if not dry_run:
-            d = decide(time.monotonic(), self.scheduler_state(manual=True), self.settings)
-            if self.current_plan is not None and self.current_plan.in_flight:
-                raise PlanConflictError(f"cannot start a plan now: {d.reason}")
-            if not self.all_ranks_alive(now):
-                raise NotReadyError(f"only {self._alive_count(now)}/{self.topo.num_gpus} ranks are alive")
+            self._check_can_start(now)
         load = torch.from_numpy(self.window.logical_load())
         before = predicted_balancedness(load, self.phy2log, self.topo.num_gpus).numpy()
         after = predicted_balancedness(load, new, self.topo.num_gpus).numpy()

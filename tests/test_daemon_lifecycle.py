@@ -138,3 +138,20 @@ def test_balancedness_log_line(caplog):
         feed(links, phy2log, 12)
         assert wait_for(lambda: any("balancedness step=11" in r.getMessage() for r in caplog.records))
         close(links)
+
+
+def test_operator_plan_refused_while_one_is_in_flight(tmp_path):
+    with DaemonThread(step_interval=10_000, window_size=10) as d:
+        links, phy2log = make_ranks(d)
+        feed(links, phy2log, 10)
+        assert wait_for(lambda: d.state.window.fill == 10)
+        with EplbClient(d.rpc) as c:
+            first = c.rebalance(force=True)
+            assert first.pushed
+            with pytest.raises(errors.PlanConflictError, match=f"plan {first.plan_id} .* is pending"):
+                c.rebalance(force=True)
+            (tmp_path / "p.json").write_text('{"phy2log": %s}' % phy2log.tolist())
+            with pytest.raises(errors.PlanConflictError, match="cannot start a plan now"):
+                c.load_placement(str(tmp_path / "p.json"))
+            assert c.rebalance(dry_run=True).pushed is False  # a dry run never conflicts
+        close(links)
