@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -24,6 +26,31 @@ from eplbd.proto import (PROTOCOL_VERSION, REPLY_TYPE_FOR, BalancednessRequest, 
                          ResumeRequest, SetConfigRequest, StatusRequest, make_socket)
 
 DEFAULT_ENDPOINT = os.environ.get("EPLBD_RPC", "tcp://127.0.0.1:7450")
+
+
+def sync_round_trip(sock: zmq.Socket, frames: list, timeout: float, accept: Callable[[list], Any | None],
+                    unavailable: Callable[[], Exception]) -> Any:
+    """Send ``frames`` on a DEALER and return the first received message ``accept`` keeps.
+
+    ``accept(frames)`` returns the reply, or None for a message that is not it
+    (a late reply, a pushed message it stashed). ``timeout`` bounds the whole
+    exchange, not each wait, so stray messages cannot stretch it.
+    """
+    deadline = time.monotonic() + timeout
+
+    def remaining_ms() -> int:
+        return max(0, int((deadline - time.monotonic()) * 1000))
+
+    # With IMMEDIATE a DEALER that has no connected peer blocks in send.
+    if not sock.poll(remaining_ms(), zmq.POLLOUT):
+        raise unavailable()
+    sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+    while True:
+        if not sock.poll(remaining_ms()):
+            raise unavailable()
+        reply = accept(sock.recv_multipart(copy=False))
+        if reply is not None:
+            return reply
 
 
 class _Operations:
@@ -109,17 +136,8 @@ class EplbClient(_Base):
 
     def _call(self, msg: Any) -> Any:
         req_id, frames = self._prepare(msg)
-        deadline_ms = int(self.timeout * 1000)
-        # With IMMEDIATE a DEALER that has no connected peer blocks in send.
-        if not self._sock.poll(deadline_ms, zmq.POLLOUT):
-            raise self._unavailable()
-        self._sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
-        while True:
-            if not self._sock.poll(deadline_ms):
-                raise self._unavailable()
-            reply = self._finish(msg, req_id, self._sock.recv_multipart(copy=False))
-            if reply is not None:
-                return reply
+        return sync_round_trip(self._sock, frames, self.timeout, lambda fr: self._finish(msg, req_id, fr),
+                               self._unavailable)
 
     def close(self) -> None:
         self._sock.close(linger=0)

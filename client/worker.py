@@ -20,6 +20,7 @@ import torch
 import zmq
 
 from eplbd.errors import UnavailableError
+from eplbd.client.rpc import sync_round_trip
 from eplbd.proto import (PUSH_TYPES, Abort, Ack, Decoder, Encoder, ErrorReply, Heartbeat, LayerReady,
                          LoadReport, Registered, RegisterWorker, make_socket)
 
@@ -53,23 +54,20 @@ class WorkerLink:
     def request(self, msg: Any) -> Any:
         """Send a request and wait for its reply; pushed messages that arrive meanwhile are queued."""
         msg.req_id = next(self._ids)
-        # With IMMEDIATE a DEALER that has no connected peer blocks in send.
-        if not self._dealer.poll(int(self.timeout * 1000), zmq.POLLOUT):
-            raise UnavailableError(f"rank {self.rank}: eplbd at {self.rpc} not reachable within {self.timeout:g}s")
-        self._dealer.send_multipart(self._enc.encode(msg), copy=False, flags=zmq.NOBLOCK)
-        while True:
-            if not self._dealer.poll(int(self.timeout * 1000)):
-                raise UnavailableError(f"rank {self.rank}: no reply from eplbd at {self.rpc} "
-                                       f"within {self.timeout:g}s to {type(msg).__name__}")
-            reply = self._dec.decode(self._dealer.recv_multipart(copy=False))
+
+        def accept(frames: list) -> Any | None:
+            reply = self._dec.decode(frames)
             if isinstance(reply, PUSH_TYPES) and getattr(reply, "req_id", 0) == 0:
                 self.pushed.append(reply)
-                continue
+                return None
             if reply.req_id != msg.req_id:
-                continue
+                return None
             if isinstance(reply, ErrorReply):
                 raise reply.to_exc()
             return reply
+
+        return sync_round_trip(self._dealer, self._enc.encode(msg), self.timeout, accept, lambda: UnavailableError(
+            f"rank {self.rank}: no reply from eplbd at {self.rpc} within {self.timeout:g}s to {type(msg).__name__}"))
 
     def register(self, *, ep_size: int, num_layers: int, num_logical: int, num_physical: int, epoch: int,
                  phy2log: torch.Tensor, num_groups: int = 1, num_nodes: int = 1, node: int = 0,
