@@ -19,6 +19,7 @@ import signal
 import time
 from typing import Any
 
+import torch
 import zmq
 import zmq.asyncio
 
@@ -38,7 +39,7 @@ log = logging.getLogger("eplbd.server")
 
 TICK_S = 0.05
 METRICS_REFRESH_S = 1.0
-INGEST_BATCH = 32  # reports drained per wake-up (~1 ms each): bounds the RPC wait under load
+INGEST_BATCH = 32  # reports drained per wake-up (~0.4 ms each at DSV3 scale): bounds the RPC wait under load
 
 
 class Daemon:
@@ -287,6 +288,12 @@ class Daemon:
 
 async def serve(settings: DaemonSettings, *, ready_line: bool = True) -> None:
     """Run a daemon until SIGTERM/SIGINT; print one ``READY`` line with the bound endpoints."""
+    # The daemon's tensor work is a few small ops per report (index_add_ of one
+    # [steps, layers, slots] block). With torch's default intra-op pool, OpenMP
+    # workers spin-wait between those ops and took ~80% of the daemon's CPU in
+    # bench_ingest, starving libzmq's I/O thread on small hosts. One thread is
+    # faster here, and the host's cores stay with the engine.
+    torch.set_num_threads(1)
     daemon = Daemon(settings)
     await daemon.start()
     if ready_line:

@@ -225,7 +225,7 @@ class DaemonState:
             log.info("dropped report of rank %d for unknown epoch %d (current %d)", rep.rank, rep.epoch, self.epoch)
             return False
         try:
-            self.window.add(rep.first_step, rep.load, phy2log.numpy(), epoch=rep.epoch)
+            self.window.add(rep.first_step, rep.load, phy2log, epoch=rep.epoch)
         except ReportRejected as exc:
             self.counters.drop(exc.reason)
             log.info("dropped report of rank %d: %s", rep.rank, exc)

@@ -68,6 +68,10 @@ def physical_to_logical(load: np.ndarray, phy2log: np.ndarray, num_logical: int)
     return _LogicalMap(phy2log, num_logical)(load)
 
 
+def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 class _LogicalMap:
     """Maps physical load to logical load for one placement; built once per epoch.
 
@@ -76,14 +80,16 @@ class _LogicalMap:
     """
 
     def __init__(self, phy2log: np.ndarray, num_logical: int) -> None:
-        self.phy2log = np.array(phy2log, dtype=np.int64, copy=True)
+        self.source = phy2log  # the object it was built from, for a cheap identity check
+        self.phy2log = np.array(_as_numpy(phy2log), dtype=np.int64, copy=True)
         layers = self.phy2log.shape[0]
         self.num_logical = num_logical
         ids = np.arange(layers, dtype=np.int64)[:, None] * num_logical + self.phy2log
         self.ids = torch.from_numpy(ids.ravel())
 
-    def matches(self, phy2log: np.ndarray) -> bool:
-        return self.phy2log.shape == phy2log.shape and np.array_equal(self.phy2log, phy2log)
+    def matches(self, phy2log: np.ndarray | torch.Tensor) -> bool:
+        other = _as_numpy(phy2log)
+        return self.phy2log.shape == other.shape and np.array_equal(self.phy2log, other)
 
     def __call__(self, load: np.ndarray) -> np.ndarray:
         layers, num_physical = self.phy2log.shape
@@ -96,6 +102,15 @@ class _LogicalMap:
 
 class LoadWindow:
     """Ring-buffered window of global load; see the module docstring.
+
+    Storage: ``_phy`` holds the physical rows of steps recorded under the
+    current epoch and ``_extra`` the logical rows of everything else (reports
+    of other epochs, ``add_logical``, and the current epoch's rows folded in
+    when the epoch changes). The logical view is ``_extra`` plus ``_phy``
+    mapped through the current placement, computed when asked for. So the
+    common report, one of the current epoch, costs one in-place add into the
+    ring and one sum: the per-report work of a daemon with 64 ranks streaming
+    DeepSeek-sized rows.
 
     Args:
         window_size: number of steps kept.
@@ -117,19 +132,21 @@ class LoadWindow:
         w = window_size
         # int32 storage halves the memory at DeepSeek scale (tokens per step per
         # expert stay far below 2**31); sums are int64.
-        self._log = np.zeros((w, num_layers, num_logical), np.int32)
         self._phy = np.zeros((w, num_layers, num_physical), np.int32)
+        self._extra = np.zeros((w, num_layers, num_logical), np.int32)
         self._step = np.full(w, -1, np.int64)
         self._phy_epoch = np.full(w, -1, np.int64)
-        self._log_sum = np.zeros((num_layers, num_logical), np.int64)
+        self._extra_used = np.zeros(w, bool)
         self._phy_sum = np.zeros((num_layers, num_physical), np.int64)
+        self._extra_sum = np.zeros((num_layers, num_logical), np.int64)
         self._phy_steps = 0
         self.epoch = 0
         self.newest_step = -1
         self._maps: dict[int, _LogicalMap] = {}
+        self._cur_map: _LogicalMap | None = None  # placement of the rows in _phy
 
     # -- ingest ---------------------------------------------------------------
-    def add(self, first_step: int, load: np.ndarray | torch.Tensor, phy2log: np.ndarray,
+    def add(self, first_step: int, load: np.ndarray | torch.Tensor, phy2log: np.ndarray | torch.Tensor,
             *, epoch: int) -> int:
         """Add one rank's report of ``steps`` consecutive steps.
 
@@ -137,6 +154,8 @@ class LoadWindow:
             first_step: step number of ``load[0]``.
             load: ``[steps, layers, num_physical]`` non-negative integer loads.
             phy2log: ``[layers, num_physical]`` int64, the placement of ``epoch``.
+                Passing the same object for every report of an epoch skips a
+                comparison.
             epoch: the epoch the load was recorded under.
 
         Returns:
@@ -146,16 +165,16 @@ class LoadWindow:
             ReportRejected: bad shape, dtype, negative counts or out-of-range steps;
                 nothing is applied in that case.
         """
-        arr = load.numpy() if isinstance(load, torch.Tensor) else np.asarray(load)
+        arr = _as_numpy(load)
         want = (self.num_layers, self.num_physical)
         if arr.ndim != 3 or tuple(arr.shape[1:]) != want:
             raise ReportRejected("bad_shape", f"load shape {tuple(arr.shape)} is not [steps, {want[0]}, {want[1]}]")
         if arr.dtype.kind not in "iu":
             raise ReportRejected("bad_dtype", f"load dtype {arr.dtype} is not an integer type")
-        if arr.size and arr.min() < 0:
-            raise ReportRejected("negative", f"load has a negative count {int(arr.min())}")
-        if arr.size and arr.max() > np.iinfo(np.int32).max:
-            raise ReportRejected("overflow", f"load count {int(arr.max())} exceeds int32 range")
+        if arr.size and arr.dtype.kind == "i" and (low := arr.min()) < 0:
+            raise ReportRejected("negative", f"load has a negative count {int(low)}")
+        if arr.size and np.iinfo(arr.dtype).max > _INT32_MAX and (high := arr.max()) > _INT32_MAX:
+            raise ReportRejected("overflow", f"load count {int(high)} exceeds int32 range")
         steps = arr.shape[0]
         if first_step < 0:
             raise ReportRejected("step_out_of_range", f"first_step {first_step} is negative")
@@ -169,14 +188,40 @@ class LoadWindow:
         if start > last:
             return 0
         arr = arr[start - first_step:]
-        mapper = self._maps.get(epoch)
-        if mapper is None or not mapper.matches(phy2log):
-            mapper = self._maps[epoch] = _LogicalMap(phy2log, self.num_logical)
-            if len(self._maps) > 4:  # only the last few epochs still get reports
-                self._maps.pop(min(self._maps))
-        logical = mapper(arr)
-        self._add_block(start, logical, arr, epoch)
+        mapper = self._mapper(epoch, phy2log)
+        self._claim(start, arr.shape[0])
+        if epoch == self.epoch and mapper is self._cur_map:
+            for ring, part in _ring_parts(start, arr.shape[0], self.window_size):
+                np.add(self._phy[ring], arr[part], out=self._phy[ring], casting="unsafe")
+                fresh = self._phy_epoch[ring] != epoch
+                self._phy_steps += int(fresh.sum())
+                self._phy_epoch[ring] = epoch
+            self._phy_sum += arr.sum(0, dtype=np.int64)
+        else:  # another epoch's report: straight into logical space
+            self._add_extra(start, mapper(arr))
         return last - start + 1
+
+    def _mapper(self, epoch: int, phy2log: np.ndarray | torch.Tensor) -> _LogicalMap:
+        mapper = self._maps.get(epoch)
+        if mapper is not None and (mapper.source is phy2log or mapper.matches(phy2log)):
+            mapper.source = phy2log
+            return mapper
+        if epoch == self.epoch and self._cur_map is not None:
+            # The placement of the current epoch changed under the rows in _phy
+            # (a restart reconciled by a rank): fold them with the old one first.
+            self._fold_physical()
+        mapper = self._maps[epoch] = _LogicalMap(phy2log, self.num_logical)
+        if len(self._maps) > 4:  # only the last few epochs still get reports
+            self._maps.pop(min(k for k in self._maps if k != self.epoch))
+        if epoch == self.epoch:
+            self._cur_map = mapper
+        return mapper
+
+    def _add_extra(self, start: int, logical: np.ndarray) -> None:
+        for ring, part in _ring_parts(start, logical.shape[0], self.window_size):
+            np.add(self._extra[ring], logical[part], out=self._extra[ring], casting="unsafe")
+            self._extra_used[ring] = True
+        self._extra_sum += logical.sum(0, dtype=np.int64)
 
     def _advance(self, step: int) -> None:
         if step <= self.newest_step:
@@ -187,33 +232,26 @@ class LoadWindow:
         for old in np.flatnonzero((self._step >= 0) & (self._step <= step - self.window_size)):
             self._evict(int(old))
 
-    def _add_block(self, start: int, logical: np.ndarray, physical: np.ndarray | None, epoch: int) -> None:
-        """Add consecutive steps ``start..start+n-1`` (n <= window_size, so their slots are distinct)."""
-        n = logical.shape[0]
+    def _claim(self, start: int, n: int) -> None:
+        """Make slots of steps ``start..start+n-1`` (n <= window_size) hold those steps, evicting others."""
         self._advance(start + n - 1)
         steps = np.arange(start, start + n, dtype=np.int64)
         slots = steps % self.window_size
         for slot in slots[self._step[slots] != steps]:
             self._evict(int(slot))
         self._step[slots] = steps
-        self._log[slots] += logical.astype(np.int32, copy=False)
-        self._log_sum += logical.sum(0)
-        if physical is not None and epoch == self.epoch:
-            fresh = self._phy_epoch[slots] != epoch
-            self._phy_steps += int(fresh.sum())
-            self._phy_epoch[slots] = epoch
-            self._phy[slots] += physical.astype(np.int32, copy=False)
-            self._phy_sum += physical.sum(0, dtype=np.int64)
 
     def _evict(self, slot: int) -> None:
         if self._step[slot] < 0:
             return
-        self._log_sum -= self._log[slot]
-        self._log[slot] = 0
+        if self._extra_used[slot]:
+            self._extra_sum -= self._extra[slot]
+            self._extra[slot] = 0
+            self._extra_used[slot] = False
         if self._phy_epoch[slot] == self.epoch:
             self._phy_sum -= self._phy[slot]
+            self._phy[slot] = 0
             self._phy_steps -= 1
-        self._phy[slot] = 0
         self._phy_epoch[slot] = -1
         self._step[slot] = -1
 
@@ -224,18 +262,33 @@ class LoadWindow:
         """
         if step <= max(self.newest_step, step) - self.window_size:
             return
-        self._add_block(step, np.asarray(logical, dtype=np.int64)[None], None, self.epoch)
+        self._claim(step, 1)
+        self._add_extra(step, np.asarray(logical, dtype=np.int64)[None])
 
     # -- epochs ---------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
-        """Switch the physical view to a new epoch (its slots mean other experts now)."""
+        """Switch the physical view to a new epoch (its slots mean other experts now).
+
+        The old epoch's rows move to logical space first, so the logical view
+        is unchanged.
+        """
         if epoch == self.epoch:
             return
+        self._fold_physical()
         self.epoch = epoch
+        self._cur_map = self._maps.get(epoch)
+
+    def _fold_physical(self) -> None:
+        held = np.flatnonzero(self._phy_epoch == self.epoch)
+        if held.size and self._cur_map is not None:
+            self._extra[held] += self._cur_map(self._phy[held]).astype(np.int32)
+            self._extra_used[held] = True
+            self._extra_sum += self._cur_map(self._phy_sum[None])[0]
         self._phy[:] = 0
         self._phy_epoch[:] = -1
         self._phy_sum[:] = 0
         self._phy_steps = 0
+        self._cur_map = None
 
     # -- queries --------------------------------------------------------------
     @property
@@ -245,14 +298,33 @@ class LoadWindow:
 
     def logical_load(self) -> np.ndarray:
         """``[layers, num_logical]`` int64 window sum (a copy)."""
-        return self._log_sum.copy()
+        out = self._extra_sum.copy()
+        if self._phy_steps and self._cur_map is not None:
+            out += self._cur_map(self._phy_sum[None])[0]
+        return out
 
     def snapshot(self) -> WindowSnapshot:
-        return WindowSnapshot(self._log_sum.copy(), self._phy_sum.copy(), self.fill,
+        return WindowSnapshot(self.logical_load(), self._phy_sum.copy(), self.fill,
                               self._phy_steps, self.newest_step, self.epoch)
 
     def steps_logical(self) -> tuple[np.ndarray, np.ndarray]:
         """The window as a trace: ``(steps [n] int64, load [n, layers, num_logical] int64)``, oldest first."""
         valid = np.flatnonzero(self._step >= 0)
         order = valid[np.argsort(self._step[valid], kind="stable")]
-        return self._step[order].copy(), self._log[order].astype(np.int64)
+        load = self._extra[order].astype(np.int64)
+        if self._phy_steps and self._cur_map is not None:
+            load += self._cur_map(self._phy[order])
+        return self._step[order].copy(), load
+
+
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+def _ring_parts(start: int, n: int, size: int) -> list[tuple[slice, slice]]:
+    """Steps ``start..start+n-1`` (n <= size) as ring slices: ``[(ring slice, row slice)]``, one or two."""
+    first = start % size
+    head = min(n, size - first)
+    parts = [(slice(first, first + head), slice(0, head))]
+    if head < n:
+        parts.append((slice(0, n - head), slice(head, n)))
+    return parts

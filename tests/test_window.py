@@ -91,25 +91,48 @@ def test_far_future_and_stale_steps():
     assert w.fill == 1
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.integers(1, 6), st.lists(st.tuples(st.integers(0, 1), st.integers(0, 30), st.integers(1, 4)),
-                                   min_size=1, max_size=25))
-def test_window_equals_brute_force(window_size, reports):
-    rng = np.random.default_rng(len(reports))
+PLACEMENTS = {0: PHY_A, 1: PHY_B, 2: PHY_A[:, ::-1].copy()}
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 6), st.lists(
+    st.one_of(st.tuples(st.just("report"), st.integers(0, 2), st.integers(0, 30), st.integers(1, 4)),
+              st.tuples(st.just("epoch"), st.integers(0, 2))),
+    min_size=1, max_size=30))
+def test_window_equals_brute_force(window_size, ops):
+    """Reports of any epoch, epoch switches and eviction against a per-step model:
+    logical rows of every report, physical rows only of reports made under the
+    window's epoch since it last changed."""
+    rng = np.random.default_rng(len(ops))
     w = LoadWindow(window_size, L, E, P)
-    rows: dict[int, np.ndarray] = {}
-    newest = -1
-    for rank, first, n in reports:
+    logical: dict[int, np.ndarray] = {}
+    physical: dict[int, np.ndarray] = {}
+    newest, epoch = -1, 0
+    for op in ops:
+        if op[0] == "epoch":
+            w.set_epoch(op[1])
+            if op[1] != epoch:
+                physical, epoch = {}, op[1]
+            continue
+        _, rep_epoch, first, n = op
         load = rng.integers(0, 9, (n, L, P))
-        w.add(first, load, PHY_A, epoch=0)
+        w.add(first, load, PLACEMENTS[rep_epoch], epoch=rep_epoch)
         last = first + n - 1
         oldest = max(newest, last) - window_size + 1
         for i in range(n):
             s = first + i
             if s >= oldest:
-                rows[s] = rows.get(s, 0) + load[i]
+                logical[s] = logical.get(s, 0) + brute_logical(load[i][None], PLACEMENTS[rep_epoch])[0]
+                if rep_epoch == epoch:
+                    physical[s] = physical.get(s, 0) + load[i]
         newest = max(newest, last)
-        rows = {s: v for s, v in rows.items() if s > newest - window_size}
-    expect = sum(rows.values()) if rows else np.zeros((L, P), np.int64)
-    np.testing.assert_array_equal(w.logical_load(), brute_logical(np.asarray(expect)[None], PHY_A)[0])
-    assert w.fill == len(rows)
+        logical = {s: v for s, v in logical.items() if s > newest - window_size}
+        physical = {s: v for s, v in physical.items() if s > newest - window_size}
+    zero_l, zero_p = np.zeros((L, E), np.int64), np.zeros((L, P), np.int64)
+    np.testing.assert_array_equal(w.logical_load(), sum(logical.values(), zero_l))
+    snap = w.snapshot()
+    np.testing.assert_array_equal(snap.physical, sum(physical.values(), zero_p))
+    assert (snap.steps, snap.physical_steps, snap.epoch) == (len(logical), len(physical), epoch)
+    steps, rows = w.steps_logical()
+    assert steps.tolist() == sorted(logical)
+    np.testing.assert_array_equal(rows.reshape(-1, L, E), np.array([logical[s] for s in sorted(logical)]).reshape(-1, L, E))
