@@ -86,6 +86,11 @@ class LoadReport(MessageBase):
     change). ``seq`` counts reports per incarnation from 0, so the daemon sees
     gaps; ``dropped_steps`` counts steps the reporter itself dropped (bounded
     queue) since its previous report.
+
+    ``layers_applied``: -1 when every layer runs placement ``epoch``. While a
+    plan is being applied layer by layer, ``epoch`` is the plan's epoch and
+    ``layers_applied = n`` says only the first ``n`` layers of the plan (in
+    ``Plan.layers`` order) run it; the others still run ``epoch - 1``.
     """
 
     rank: int
@@ -95,6 +100,7 @@ class LoadReport(MessageBase):
     seq: int
     load: torch.Tensor
     dropped_steps: int = 0
+    layers_applied: int = -1
 
     def __post_init__(self) -> None:
         check_tensor("LoadReport.load", self.load, 3, INT_DTYPES)

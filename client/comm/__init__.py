@@ -1,0 +1,1 @@
+"""Weight-transfer backends behind one interface (``base.Communicator``)."""
