@@ -76,7 +76,7 @@ def examples() -> list[m.MessageBase]:
             commit_interval_steps=16, req_id=2,
         ),  # fmt: skip
         m.LoadReport(
-            rank=1, worker_id="r1-5f0c", epoch=4, first_step=96, seq=12, dropped_steps=3, req_id=5,
+            rank=1, worker_id="r1-5f0c", epoch=4, first_step=96, seq=12, dropped_steps=3, layers_applied=2, req_id=5,
             load=torch.randint(0, 1000, (4, 3, 8), dtype=torch.int32),
         ),  # fmt: skip
         m.Heartbeat(rank=1, worker_id="r1-5f0c", step=120, epoch=4, req_id=3),
