@@ -113,11 +113,13 @@ class WorkerLink:
         return None
 
     # -- load reports -----------------------------------------------------------------------
-    def send_report(self, first_step: int, load: torch.Tensor, epoch: int, *, dropped_steps: int = 0) -> bool:
+    def send_report(self, first_step: int, load: torch.Tensor, epoch: int, *, dropped_steps: int = 0,
+                    layers_applied: int = -1) -> bool:
         """Send ``load [steps, layers, num_physical]`` without blocking; False (and a counted drop) if
         the queue to the daemon is full or no daemon is connected."""
         msg = LoadReport(rank=self.rank, worker_id=self.worker_id, epoch=epoch, first_step=first_step,
-                         seq=next(self._seq), load=load, dropped_steps=dropped_steps)
+                         seq=next(self._seq), load=load, dropped_steps=dropped_steps,
+                         layers_applied=layers_applied)
         try:
             self._push.send_multipart(self._enc.encode(msg), copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:

@@ -87,6 +87,7 @@ class DaemonState:
         self.epoch = 0
         self.phy2log: torch.Tensor | None = None
         self.placements: dict[int, torch.Tensor] = {}  # epoch -> phy2log, recent epochs only
+        self._partial: dict[tuple[int, int], torch.Tensor] = {}  # (plan epoch, layers applied) -> phy2log
         self.window: LoadWindow | None = None
         self.plans: dict[int, PlanRecord] = {}
         self.current_plan: PlanRecord | None = None
@@ -220,18 +221,39 @@ class DaemonState:
         if rep.dropped_steps:
             self.counters.drop("sender_overflow_steps", rep.dropped_steps)
         phy2log = self.placements.get(rep.epoch)
+        key: int | tuple[int, int] = rep.epoch
+        if phy2log is not None and rep.layers_applied >= 0:
+            phy2log, key = self._partial_placement(rep.epoch, rep.layers_applied)
         if phy2log is None:
             self.counters.drop("unknown_epoch")
             log.info("dropped report of rank %d for unknown epoch %d (current %d)", rep.rank, rep.epoch, self.epoch)
             return False
         try:
-            self.window.add(rep.first_step, rep.load, phy2log, epoch=rep.epoch)
+            self.window.add(rep.first_step, rep.load, phy2log, epoch=key)
         except ReportRejected as exc:
             self.counters.drop(exc.reason)
             log.info("dropped report of rank %d: %s", rep.rank, exc)
             return False
         w.step = max(w.step, rep.first_step + rep.load.shape[0] - 1)
         return True
+
+    def _partial_placement(self, epoch: int, applied: int) -> tuple[torch.Tensor | None, tuple[int, int]]:
+        """The placement ranks run while a plan of ``epoch`` is applied up to ``applied`` of its layers:
+        the base placement with those rows replaced (cached per (epoch, applied))."""
+        key = (epoch, applied)
+        hit = self._partial.get(key)
+        if hit is not None:
+            return hit, key
+        rec = next((r for r in self.plans.values() if r.epoch == epoch and r.state != "aborted"), None)
+        base = self.placements.get(epoch - 1)
+        if rec is None or base is None or applied > len(rec.layers):
+            return None, key
+        phy2log = base.clone()
+        rows = rec.layers[:applied]
+        phy2log[rows] = rec.phy2log[rows]
+        self._partial = {k: v for k, v in self._partial.items() if k[0] >= epoch - 1}
+        self._partial[key] = phy2log
+        return phy2log, key
 
     # -- schedule -----------------------------------------------------------------------
     def scheduler_state(self, *, manual: bool = False) -> SchedulerState:
@@ -350,9 +372,21 @@ class DaemonState:
         log.info("plan %d committed: epoch %d in %.3fs", rec.plan_id, rec.epoch, rec.timings["committed"])
 
     def abort_plan(self, reason: str, *, rank: int = -1) -> list[Outgoing]:
+        """Abandon the plan in flight. Layers already permitted cannot be taken back (a rank
+        may have applied them): the first abort of such a plan truncates it to those layers
+        and it still commits when they are acked; otherwise the plan ends aborted."""
         rec = self.current_plan
         if rec is None or not rec.in_flight:
             return []
+        keep = [layer for layer in rec.layers if layer in rec.permitted]
+        if keep and not rec.end_reason:
+            self._truncate(rec, keep)
+            rec.end_reason = f"truncated to {len(keep)} permitted layer(s): {reason}"
+            log.warning("plan %d %s", rec.plan_id, rec.end_reason)
+            out = [Outgoing(Abort(plan_id=rec.plan_id, epoch=rec.epoch, reason=reason, rank=rank, keep_layers=keep))]
+            if rec.layers_acked_everywhere(range(self.topo.num_gpus)) >= set(rec.layers):
+                self._commit(rec)
+            return out
         rec.state, rec.end_reason = "aborted", reason
         rec.mark("aborted")
         self.placements.pop(rec.epoch, None)
@@ -360,6 +394,13 @@ class DaemonState:
         self._persist()
         log.warning("plan %d aborted: %s", rec.plan_id, reason)
         return [Outgoing(Abort(plan_id=rec.plan_id, epoch=rec.epoch, reason=reason, rank=rank))]
+
+    def _truncate(self, rec: PlanRecord, keep: list[int]) -> None:
+        base = self.placements.get(rec.base_epoch, self.phy2log)
+        phy2log = base.clone()
+        phy2log[keep] = rec.phy2log[keep]
+        rec.phy2log, rec.layers = phy2log, list(keep)
+        self.placements[rec.epoch] = phy2log
 
     def worker_abort(self, msg: Abort, now: float) -> list[Outgoing]:
         if msg.rank >= 0 and msg.rank in self.workers:

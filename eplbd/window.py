@@ -142,12 +142,14 @@ class LoadWindow:
         self._phy_steps = 0
         self.epoch = 0
         self.newest_step = -1
-        self._maps: dict[int, _LogicalMap] = {}
+        # Mappers of recent epochs; keys are epochs, or (epoch, layers applied) for the
+        # mixed placements ranks run while a plan is applied layer by layer.
+        self._maps: dict[int | tuple[int, int], _LogicalMap] = {}
         self._cur_map: _LogicalMap | None = None  # placement of the rows in _phy
 
     # -- ingest ---------------------------------------------------------------
     def add(self, first_step: int, load: np.ndarray | torch.Tensor, phy2log: np.ndarray | torch.Tensor,
-            *, epoch: int) -> int:
+            *, epoch: int | tuple[int, int]) -> int:
         """Add one rank's report of ``steps`` consecutive steps.
 
         Args:
@@ -156,7 +158,8 @@ class LoadWindow:
             phy2log: ``[layers, num_physical]`` int64, the placement of ``epoch``.
                 Passing the same object for every report of an epoch skips a
                 comparison.
-            epoch: the epoch the load was recorded under.
+            epoch: the epoch the load was recorded under (any other hashable key names
+                a placement that is not the current epoch's, e.g. a partly applied plan).
 
         Returns:
             Number of steps applied (steps older than the window are skipped).
@@ -201,7 +204,7 @@ class LoadWindow:
             self._add_extra(start, mapper(arr))
         return last - start + 1
 
-    def _mapper(self, epoch: int, phy2log: np.ndarray | torch.Tensor) -> _LogicalMap:
+    def _mapper(self, epoch: int | tuple[int, int], phy2log: np.ndarray | torch.Tensor) -> _LogicalMap:
         mapper = self._maps.get(epoch)
         if mapper is not None and (mapper.source is phy2log or mapper.matches(phy2log)):
             mapper.source = phy2log
@@ -211,8 +214,8 @@ class LoadWindow:
             # (a restart reconciled by a rank): fold them with the old one first.
             self._fold_physical()
         mapper = self._maps[epoch] = _LogicalMap(phy2log, self.num_logical)
-        if len(self._maps) > 4:  # only the last few epochs still get reports
-            self._maps.pop(min(k for k in self._maps if k != self.epoch))
+        if len(self._maps) > 8:  # only the last few placements still get reports
+            self._maps.pop(next(k for k in self._maps if k != self.epoch))  # the oldest inserted
         if epoch == self.epoch:
             self._cur_map = mapper
         return mapper

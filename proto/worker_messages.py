@@ -8,6 +8,7 @@ else on its ROUTER (the worker holds a DEALER). Plans flow
 
 from __future__ import annotations
 
+import msgspec
 import torch
 
 from eplbd.errors import InvalidArgumentError
@@ -178,9 +179,15 @@ class Abort(MessageBase):
     """Either way: plan ``plan_id`` is abandoned; the old placement keeps serving.
 
     ``rank`` is the rank that failed (-1: the daemon or an operator aborted).
+
+    ``keep_layers`` (daemon -> workers only): layers the daemon had already permitted.
+    A permission is never taken back (some ranks may have applied them), so those
+    layers are still applied and acked, and the plan commits with only them: its
+    epoch's placement is the base placement with just those rows changed.
     """
 
     plan_id: int
     epoch: int
     reason: str
     rank: int = -1
+    keep_layers: list[int] = msgspec.field(default_factory=list)

@@ -84,7 +84,7 @@ def examples() -> list[m.MessageBase]:
         m.LayerReady(rank=1, plan_id=7, epoch=3, layers=[0], worker_id="r1-5f0c", req_id=13),
         m.Commit(plan_id=7, epoch=3, layers=[0, 2], req_id=14),
         m.Ack(rank=1, plan_id=7, epoch=3, layers=[0, 2], step=160, worker_id="r1-5f0c", req_id=15),
-        m.Abort(plan_id=7, epoch=3, reason="transfer failed", rank=1, req_id=16),
+        m.Abort(plan_id=7, epoch=3, reason="transfer failed", rank=1, keep_layers=[0], req_id=16),
         m.StatusRequest(req_id=20),
         m.StatusReply(
             epoch=4, step=1234, paused=True, req_id=20,
