@@ -125,6 +125,32 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from eplbd.demo import DEFAULT_TRACE
+
+    p = sub.add_parser("demo", allow_abbrev=False, help="embedded daemon + N worker processes of the reference model",
+                       description="Start an embedded daemon and N CPU worker processes of the reference EP MoE "
+                                   "model driven by the GPT-OSS-20B routing trace; rebalance live and check that "
+                                   "the model's output never changes.")
+    p.add_argument("--ranks", type=int, default=4, help="EP ranks (worker processes)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--communicator", default="auto", choices=["auto", "torch_gloo", "nixl"])
+    p.add_argument("--blocking", action="store_true", help="blocking rearrangement (vLLM's sync EPLB) as a baseline")
+    p.add_argument("--routing", default="trace", choices=["trace", "router"],
+                   help="route tokens by the recorded trace (default) or by the model's own router")
+    p.add_argument("--trace", default=str(DEFAULT_TRACE), help="GPT-OSS token-routing .npz")
+    p.add_argument("--check-weights", action="store_true", help="also compare every slot with the original weights")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from eplbd.demo import main_from_args
+
+    setup_logging("warning", False)
+    return main_from_args(args)
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from eplbd.settings import add_settings_arguments
 
@@ -174,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_replay(sub)
     _add_convert(sub)
+    _add_demo(sub)
     return parser
 
 

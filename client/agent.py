@@ -1,0 +1,506 @@
+"""PlacementAgent: what runs inside every engine rank to apply the daemon's plans.
+
+The engine calls one method per step, ``after_step(step)``, on its own thread, after the
+forward pass. Everything slow happens elsewhere:
+
+- a background thread (``eplbd-agent-r<rank>``) owns the connection to the daemon: it
+  registers (and re-registers after a daemon restart), heartbeats, receives plans,
+  computes each layer's transfer schedule (``eplbd.client.schedule``), stages incoming
+  experts into a bounded pool of staging layers through a communicator
+  (``eplbd.client.comm``), and tells the daemon which layers are staged;
+- ``after_step`` hands the step's load to the ``LoadReporter`` (non-blocking) and, every
+  ``commit_interval_steps`` steps, runs the in-band commit: one tiny all-reduce (MIN)
+  over the EP group of ``(plan id, layers staged here and permitted by the daemon)``.
+  Every rank gets the same answer, so all ranks apply the same prefix of the plan's
+  layers at the same step boundary, or none do. Applying copies the staged slots into
+  the live expert tensors and rewrites the placement tensors in place (no reallocation,
+  so CUDA graphs captured over them stay valid); the acks go back on the agent thread.
+
+No step ever waits for the daemon: with the daemon gone the engine keeps serving on its
+last placement (load reports are dropped and counted, the agent keeps reconnecting).
+A plan whose base epoch is not this rank's epoch is refused; a failed transfer is
+reported to the daemon, which aborts the plan on every rank (layers it had already
+permitted are still applied: see ``proto.Abort.keep_layers``).
+
+``use_async=False`` is the blocking baseline (vLLM's synchronous EPLB): the whole
+rearrangement (transfers, permission round trips, copies) runs inside one step boundary
+on the engine thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import random
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from eplbd.client.comm.base import Communicator
+from eplbd.client.reporter import LoadReporter
+from eplbd.client.schedule import LayerSchedule, plan_schedules
+from eplbd.client.worker import WorkerLink
+from eplbd.errors import EplbdError, InvalidArgumentError, NotRegisteredError
+from eplbd.proto import Abort, Commit, Plan
+
+log = logging.getLogger("eplbd.agent")
+
+COMMUNICATORS = ("auto", "torch_gloo", "nixl", "torch_nccl")
+
+
+@dataclasses.dataclass
+class Chaos:
+    """Fault injection for tests: random delays before handling each message from the daemon
+    and before each transfer batch, and an optional failure on the n-th batch."""
+
+    max_delay_s: float = 0.0
+    seed: int = 0
+    fail_batch: int = -1
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+        self._batches = 0
+
+    def delay(self) -> None:
+        if self.max_delay_s > 0:
+            time.sleep(self._rng.uniform(0, self.max_delay_s))
+
+    def batch(self) -> None:
+        self.delay()
+        self._batches += 1
+        if self._batches == self.fail_batch:
+            raise EplbdError(f"injected transfer failure on batch {self._batches}")
+
+
+@dataclasses.dataclass
+class AgentStats:
+    """Counters of one rank (sum them over ranks for the group)."""
+
+    plans_received: int = 0
+    plans_committed: int = 0
+    plans_aborted: int = 0
+    plans_refused: int = 0
+    layers_applied: int = 0
+    slots_changed: int = 0  # local slots whose expert changed at commit
+    experts_received: int = 0  # remote transfers into this rank
+    bytes_received: int = 0
+    registrations: int = 0
+    apply_s: list[float] = dataclasses.field(default_factory=list)  # time inside after_step per apply
+    stage_s: list[float] = dataclasses.field(default_factory=list)  # per staged layer (agent thread)
+
+
+class _Active:
+    """The plan being staged/applied; shared between the two threads under the agent's lock."""
+
+    def __init__(self, plan: Plan, schedules: list[LayerSchedule]) -> None:
+        self.plan = plan
+        self.layers = list(plan.layers)
+        self.rows = {layer: plan.phy2log[i] for i, layer in enumerate(plan.layers)}
+        self.schedules = schedules
+        self.staged = 0  # prefix of self.layers staged here
+        self.permitted: set[int] = set()
+        self.buffers: dict[int, int] = {}  # layer index -> staging buffer
+        self.applied = 0
+        self.failed = ""
+        self.received_at = time.monotonic()
+
+    @property
+    def permitted_prefix(self) -> int:
+        n = 0
+        while n < len(self.layers) and self.layers[n] in self.permitted:
+            n += 1
+        return n
+
+    def ready(self) -> int:
+        return min(self.staged, self.permitted_prefix)
+
+
+def make_communicator(name: str, rank: int, world_size: int, group: Any) -> Communicator:
+    """``auto``: nixl if it is importable and can make an agent here, else torch_gloo."""
+    if name not in COMMUNICATORS:
+        raise InvalidArgumentError(f"communicator {name!r} is not one of {', '.join(COMMUNICATORS)}")
+    if name == "auto":
+        from eplbd.client.comm.nixl import nixl_available
+        name = "nixl" if nixl_available() is None else "torch_gloo"
+    if name == "nixl":
+        from eplbd.client.comm.nixl import NixlCommunicator
+        return NixlCommunicator(rank, world_size, group)
+    if name == "torch_nccl":
+        from eplbd.client.comm.nccl import NcclCommunicator
+        return NcclCommunicator(rank, world_size, group)
+    from eplbd.client.comm.gloo import GlooCommunicator
+    return GlooCommunicator(rank, world_size, group)
+
+
+class PlacementAgent:
+    """Applies the daemon's plans to one rank's model. See the module docstring.
+
+    Args:
+        model: the engine's model, with the ``MixtureOfExperts`` surface (``expert_weights``,
+            ``num_moe_layers``, ``num_logical_experts``, ``num_physical_experts``,
+            ``num_local_physical_experts``, ``num_redundant_experts``, ``num_expert_groups``,
+            ``set_eplb_state``). The agent owns the placement tensors and the load view and
+            hands them to the model with ``set_eplb_state``.
+        rank, ep_size: this rank and the EP group size.
+        rpc, ingest: the daemon's endpoints.
+        phy2log: ``[layers, num_physical]`` placement the model's weights are in now (epoch ``epoch``).
+        commit_interval_steps: the commit cadence; must be the same on every rank.
+        communicator: ``auto``, ``torch_gloo``, ``nixl`` or ``torch_nccl``.
+        use_async: stage on the background thread (default) or block inside one step boundary.
+        staging_budget_bytes: memory for staging layers (at least one layer is always allocated);
+            None: two layers.
+        chaos: fault injection for tests.
+
+    Must be constructed on every rank of the EP group in the same order (it creates two
+    gloo process groups: one for transfers, one for the commit all-reduce).
+    """
+
+    def __init__(self, model: Any, *, rank: int, ep_size: int, rpc: str, ingest: str, phy2log: torch.Tensor,
+                 epoch: int = 0, commit_interval_steps: int = 16, communicator: str = "auto",
+                 use_async: bool = True, staging_budget_bytes: int | None = None, node: int = 0,
+                 num_nodes: int = 1, heartbeat_s: float = 1.0, timeout: float = 5.0,
+                 report_batch_steps: int = 8, chaos: Chaos | None = None) -> None:
+        if commit_interval_steps <= 0:
+            raise InvalidArgumentError(f"commit_interval_steps must be positive, got {commit_interval_steps}")
+        if use_async and communicator == "torch_nccl":
+            raise InvalidArgumentError("communicator 'torch_nccl' cannot be used with use_async=True "
+                                       "(as in vLLM: NCCL calls from a second thread can deadlock)")
+        self.model, self.rank, self.ep_size = model, rank, ep_size
+        self.use_async, self.commit_interval = use_async, commit_interval_steps
+        self.chaos = chaos or Chaos()
+        self.heartbeat_s = heartbeat_s
+        L, P = model.num_moe_layers, model.num_physical_experts
+        E, R = model.num_logical_experts, model.num_redundant_experts
+        if tuple(phy2log.shape) != (L, P):
+            raise InvalidArgumentError(f"phy2log shape {tuple(phy2log.shape)} is not [{L}, {P}]")
+        self.num_local = model.num_local_physical_experts
+        device = model.expert_weights[0][0].device
+        self.phy2log = phy2log.to(device=device, dtype=torch.int64).clone()
+        self.log2phy = torch.full((L, E, R + 1), -1, dtype=torch.int64, device=device)
+        self.logcnt = torch.zeros((L, E), dtype=torch.int64, device=device)
+        for layer in range(L):
+            self._derive(layer)
+        self.load_view = torch.zeros((L, P), dtype=torch.int64, device=device)
+        model.set_eplb_state(self.load_view, self.log2phy, self.logcnt)
+        self.epoch = epoch
+        self.tag = (epoch, -1)
+        self.stats = AgentStats()
+
+        live = model.expert_weights
+        layer_bytes = sum(t.nbytes for t in live[0])
+        nbuf = 2 if staging_budget_bytes is None else max(1, staging_budget_bytes // max(layer_bytes, 1))
+        nbuf = min(nbuf, L)
+        self.staging = [[torch.empty_like(t) for t in live[0]] for _ in range(nbuf)]
+        self._free = list(range(nbuf))
+        self._xfer_group = dist.new_group(backend="gloo")
+        self._ctl_group = dist.new_group(backend="gloo")
+        self.comm = make_communicator(communicator, rank, ep_size, self._xfer_group)
+        self.comm.setup(live, self.staging)
+        self.communicator = self.comm.name
+
+        self.link = WorkerLink(rpc, ingest, rank, timeout=timeout)
+        self.reporter = LoadReporter(ingest, rank, num_layers=L, num_physical=P, batch_steps=report_batch_steps)
+        self._reg_args = dict(ep_size=ep_size, num_layers=L, num_logical=E, num_physical=P,
+                              num_groups=model.num_expert_groups, num_nodes=num_nodes, node=node,
+                              expert_bytes=layer_bytes // self.num_local, communicator=self.comm.name)
+        self._lock = threading.Lock()
+        self._active: _Active | None = None
+        self._outbox: collections.deque[Callable[[], None]] = collections.deque()
+        self._registered = False
+        self._step = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"eplbd-agent-r{rank}", daemon=True)
+        self.on_event: Callable[[str, dict], None] | None = None  # optional observer (demo progress)
+
+    # -- engine thread ----------------------------------------------------------------------
+    def start(self) -> "PlacementAgent":
+        self._thread.start()
+        return self
+
+    def after_step(self, step: int) -> None:
+        """Call after every forward pass, on every rank, with the same step numbers."""
+        self._step = step
+        self.reporter.record(step, self.load_view, self.tag)
+        if (step + 1) % self.commit_interval:
+            return
+        if self.use_async:
+            self._agree_and_apply(step)
+        else:
+            self._blocking_rearrange(step)
+
+    def _agree(self, pid: int, ready: int) -> tuple[bool, int]:
+        t = torch.tensor([-pid, pid, ready], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self._ctl_group)
+        neg_max, low, n = (int(x) for x in t)
+        return (low == -neg_max and low >= 0), n
+
+    def _local_ready(self) -> tuple[int, int]:
+        with self._lock:
+            a = self._active
+            return (a.plan.plan_id, a.ready()) if a is not None else (-1, 0)
+
+    def _agree_and_apply(self, step: int) -> int:
+        pid, ready = self._local_ready()
+        same, n = self._agree(pid, ready)
+        if not same:
+            return 0
+        with self._lock:
+            a = self._active
+            if a is None or a.plan.plan_id != pid or n <= a.applied:
+                return 0
+            t0 = time.perf_counter()
+            done = self._apply(a, n)
+            self.stats.apply_s.append(time.perf_counter() - t0)
+            self._outbox.append(lambda: self.link.ack(a.plan.plan_id, a.plan.epoch, done, step + 1))
+            if a.applied == len(a.layers):
+                self._finish(a)
+            else:
+                self.tag = (a.plan.epoch, a.applied)
+        self._emit("applied", plan_id=pid, layers=done, step=step)
+        return len(done)
+
+    def _apply(self, a: _Active, n: int) -> list[int]:
+        """Copy staged layers ``a.applied..n-1`` into the live slots and the placement tensors."""
+        live = self.model.expert_weights
+        done = []
+        for i in range(a.applied, n):
+            layer, buf, sched = a.layers[i], a.buffers.pop(i), a.schedules[i]
+            for j in sched.changed[self.rank]:
+                for t, s in zip(live[layer], self.staging[buf]):
+                    t[j].copy_(s[j])
+            self.phy2log[layer].copy_(a.rows[layer])
+            self._derive(layer)
+            self._free.append(buf)
+            self.stats.slots_changed += len(sched.changed[self.rank])
+            done.append(layer)
+        a.applied = n
+        self.stats.layers_applied += len(done)
+        return done
+
+    def _derive(self, layer: int) -> None:
+        """log2phy / logcnt of ``layer`` from phy2log, in place."""
+        row = self.phy2log[layer]
+        E, width = self.logcnt.shape[1], self.log2phy.shape[2]
+        order = torch.argsort(row, stable=True)
+        counts = torch.bincount(row, minlength=E)
+        starts = torch.cumsum(counts, 0) - counts
+        rank_in = torch.arange(row.numel(), device=row.device) - starts[row[order]]
+        table = torch.full((E, width), -1, dtype=torch.int64, device=row.device)
+        table[row[order], rank_in] = order
+        self.log2phy[layer].copy_(table)
+        self.logcnt[layer].copy_(counts)
+
+    def _finish(self, a: _Active) -> None:
+        self.epoch = a.plan.epoch
+        self.tag = (self.epoch, -1)
+        self._active = None
+        self.stats.plans_committed += 1
+        self.reporter.flush()
+        log.info("rank %d: plan %d applied, epoch %d", self.rank, a.plan.plan_id, self.epoch)
+
+    def _blocking_rearrange(self, step: int) -> None:
+        """Blocking mode: if every rank holds the same plan, run all of it inside this boundary."""
+        pid, _ = self._local_ready()
+        same, _ = self._agree(pid, 1)
+        if not same:
+            return
+        with self._lock:
+            timeout = self._active.plan.timeout_s if self._active is not None else 0.0
+        deadline = time.monotonic() + (timeout or 60.0)
+        while True:
+            while True:  # stage as many layers as the staging pool holds (all ranks in step)
+                with self._lock:
+                    a = self._active
+                    more = a is not None and not a.failed and a.staged < len(a.layers) and self._free
+                if not more:
+                    break
+                self._stage_next(a)
+            while True:  # wait for the daemon's permission (it arrives on the agent thread)
+                with self._lock:
+                    a = self._active
+                    if a is None or a.failed or a.ready() > a.applied or time.monotonic() > deadline:
+                        break
+                time.sleep(0.0005)
+            if self._agree_and_apply(step) == 0:
+                return
+
+    # -- agent thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        last_hb = 0.0
+        while not self._stop.is_set():
+            try:
+                if not self._registered:
+                    self._register()
+                    continue
+                self._drain_outbox()
+                msg = self.link.poll_pushed(0.005)
+                if msg is not None:
+                    self.chaos.delay()
+                    self._on_pushed(msg)
+                if self.use_async:
+                    self._maybe_stage()
+                if time.monotonic() - last_hb > self.heartbeat_s:
+                    last_hb = time.monotonic()
+                    self.link.heartbeat(self._step, self.epoch)
+            except NotRegisteredError:
+                log.warning("rank %d: daemon does not know this rank (restarted?); registering again", self.rank)
+                self._registered = False
+            except EplbdError as exc:  # daemon unreachable: keep serving, retry
+                log.info("rank %d: daemon unavailable: %s", self.rank, exc)
+                self._stop.wait(0.2)
+            except Exception:  # a bug must not kill the engine; it is logged and retried
+                log.exception("rank %d: agent thread error", self.rank)
+                self._stop.wait(0.2)
+
+    def _register(self) -> None:
+        with self._lock:
+            phy2log, epoch = self.phy2log.cpu().clone(), self.epoch
+        try:
+            reg = self.link.register(epoch=epoch, phy2log=phy2log, step=self._step, **self._reg_args)
+        except EplbdError as exc:
+            log.info("rank %d: registration failed (%s); retrying", self.rank, exc)
+            self._stop.wait(0.5)
+            return
+        self.stats.registrations += 1
+        self._registered = True
+        self.reporter.set_identity(self.link.worker_id)
+        if reg.commit_interval_steps and reg.commit_interval_steps != self.commit_interval:
+            log.warning("rank %d: daemon's commit_interval_steps %d differs from this group's %d; using %d",
+                        self.rank, reg.commit_interval_steps, self.commit_interval, self.commit_interval)
+        if reg.plan is not None:
+            self._on_pushed(reg.plan)
+
+    def _drain_outbox(self) -> None:
+        while self._outbox:
+            self._outbox[0]()
+            self._outbox.popleft()
+
+    def _on_pushed(self, msg: Any) -> None:
+        if isinstance(msg, Plan):
+            self._on_plan(msg)
+        elif isinstance(msg, Commit):
+            with self._lock:
+                a = self._active
+                if a is not None and a.plan.plan_id == msg.plan_id:
+                    a.permitted.update(msg.layers)
+        elif isinstance(msg, Abort):
+            self._on_abort(msg)
+
+    def _on_plan(self, plan: Plan) -> None:
+        self.stats.plans_received += 1
+        with self._lock:
+            a = self._active
+            if a is not None and a.plan.plan_id == plan.plan_id:
+                return  # the same plan again (re-registration)
+            reason = ""
+            if a is not None:
+                reason = f"rank {self.rank} is still applying plan {a.plan.plan_id}"
+            elif plan.base_epoch != self.epoch:
+                reason = f"plan base epoch {plan.base_epoch} is not rank {self.rank}'s epoch {self.epoch}"
+            if not reason:
+                try:
+                    scheds = plan_schedules(plan.layers, self.phy2log.cpu(), plan.phy2log, self.ep_size)
+                except EplbdError as exc:
+                    reason = f"rank {self.rank} cannot schedule plan {plan.plan_id}: {exc}"
+            if not reason:
+                self._active = _Active(plan, scheds)
+        if reason:
+            self.stats.plans_refused += 1
+            log.warning("refusing plan %d: %s", plan.plan_id, reason)
+            self.link.abort(plan.plan_id, plan.epoch, reason)
+            return
+        self._emit("plan", plan_id=plan.plan_id, layers=len(plan.layers))
+
+    def _on_abort(self, msg: Abort) -> None:
+        with self._lock:
+            a = self._active
+            if a is None or a.plan.plan_id != msg.plan_id:
+                return
+            if msg.keep_layers:
+                # Permitted layers are staged on every rank; they are still applied.
+                keep = [layer for layer in a.layers if layer in set(msg.keep_layers)]
+                a.layers, a.schedules = keep, a.schedules[:len(keep)]
+                a.staged = min(a.staged, len(keep))
+                a.permitted |= set(keep)
+                for i in [i for i in a.buffers if i >= len(keep)]:
+                    self._free.append(a.buffers.pop(i))
+                if a.applied >= len(keep):
+                    self._finish(a)
+            else:
+                self._free.extend(a.buffers.values())
+                self._active = None
+                self.stats.plans_aborted += 1
+        log.warning("rank %d: plan %d aborted: %s", self.rank, msg.plan_id, msg.reason)
+        self._emit("aborted", plan_id=msg.plan_id, reason=msg.reason)
+
+    def _maybe_stage(self) -> None:
+        with self._lock:
+            a = self._active
+            if a is None or a.failed or a.staged >= len(a.layers) or not self._free:
+                return
+        self._stage_next(a)
+
+    def _stage_next(self, a: _Active) -> None:
+        """Stage layer ``a.staged`` into a free buffer, then tell the daemon (from the agent thread)."""
+        with self._lock:
+            i, buf = a.staged, self._free.pop()
+        layer, sched = a.layers[i], a.schedules[i]
+        t0 = time.perf_counter()
+        before = self.comm.bytes_received
+        try:
+            for batch in sched.for_rank(self.rank):
+                if batch:
+                    self.chaos.batch()
+                    self.comm.run_batch(buf, batch)
+            live, staging = self.model.expert_weights[layer], self.staging[buf]
+            for c in sched.local[self.rank]:
+                src = staging if c.from_staging else live
+                for s, d in zip(src, staging):
+                    d[c.dst_local].copy_(s[c.src_local])
+        except EplbdError as exc:
+            with self._lock:
+                self._free.append(buf)
+                a.failed = str(exc)
+            log.warning("rank %d: staging layer %d of plan %d failed: %s", self.rank, layer, a.plan.plan_id, exc)
+            self._outbox.append(lambda: self.link.abort(a.plan.plan_id, a.plan.epoch, f"staging failed: {exc}"))
+            return
+        self.stats.stage_s.append(time.perf_counter() - t0)
+        self.stats.bytes_received += self.comm.bytes_received - before
+        self.stats.experts_received += sum(1 for b in sched.batches for t in b if t.dst_rank == self.rank)
+        with self._lock:
+            a.buffers[i] = buf
+            a.staged = i + 1
+        self._outbox.append(lambda: self.link.layer_ready(a.plan.plan_id, a.plan.epoch, [layer]))
+
+    def _emit(self, kind: str, **info: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, info)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        self.reporter.close()
+        self.link.close()
+        self.comm.close()
+
+
+def placement_check(weights: Sequence[Sequence[torch.Tensor]], originals: Sequence[Sequence[torch.Tensor]],
+                    phy2log: torch.Tensor, rank: int, num_local: int) -> list[str]:
+    """Slots whose tensors are not the originals of the logical expert phy2log names (empty: all right).
+
+    ``originals[layer][t]`` is ``[num_logical, ...]``; ``weights[layer][t]`` is this rank's ``[num_local, ...]``.
+    """
+    bad = []
+    for layer, (live, orig) in enumerate(zip(weights, originals)):
+        for j in range(num_local):
+            e = int(phy2log[layer, rank * num_local + j])
+            for k, (w, o) in enumerate(zip(live, orig)):
+                if not torch.equal(w[j], o[e]):
+                    bad.append(f"layer {layer} slot {rank * num_local + j} tensor {k}: not expert {e}")
+    return bad

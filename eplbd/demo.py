@@ -1,0 +1,343 @@
+"""``eplbd demo``: the whole loop on one machine.
+
+An embedded daemon (a real ``Daemon`` on loopback, in a thread of this process) and N
+worker processes of the reference EP MoE model (``eplbd.refmodel``), one per rank, in a
+real gloo group. Tokens are routed by the real GPT-OSS-20B routing trace, so the load
+is real. Each rank runs a ``PlacementAgent``: it streams load, receives the daemon's
+plans, stages experts on its background thread and commits in-band.
+
+Every time a plan is applied, all ranks run a fixed probe batch and compare its output
+bitwise with the output before any rearrangement (the invariant: moving experts never
+changes what the model computes). With ``check_weights`` they also compare every slot's
+tensors with the original expert weights.
+
+``run_demo`` is also what the integration tests drive (smaller shapes, fault injection).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import pathlib
+import queue
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+import numpy as np
+
+DEFAULT_TRACE = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gpt_oss_20b" / \
+    "gptoss20b_decode_routing_tokens.npz"
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    ranks: int = 4
+    steps: int = 600
+    communicator: str = "auto"
+    use_async: bool = True
+    layers: int = 24
+    num_logical: int = 32
+    top_k: int = 4
+    num_redundant: int = 8
+    hidden: int = 64
+    ffn: int = 128
+    tokens_per_rank: int = 32
+    routing: str = "trace"  # "trace" (GPT-OSS routing file) or "router" (the model's own router)
+    trace: str = str(DEFAULT_TRACE)
+    window_size: int = 100
+    step_interval: int = 150
+    commit_interval_steps: int = 8
+    staging_budget_bytes: int | None = None
+    policy: str = "default"
+    chaos_delay_s: float = 0.0
+    chaos_fail_batch: int = -1
+    check_weights: bool = False
+    seed: int = 0
+    timeout_s: float = 300.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- worker process ------------------------------------------------------------------------
+def _worker(rank: int, cfg: DemoConfig, port: int, rpc: str, ingest: str, out_q: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from eplbd.client.agent import Chaos, PlacementAgent, placement_check
+    from eplbd.policy import initial_placement
+    from eplbd.refmodel import RefMoEConfig, RefMoEModel, logical_expert_weights, make_inputs, TraceRouting
+
+    torch.set_num_threads(1)
+    agent = None
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg.ranks)
+        mcfg = RefMoEConfig(num_layers=cfg.layers, hidden=cfg.hidden, ffn=cfg.ffn, num_logical=cfg.num_logical,
+                            top_k=cfg.top_k, num_redundant=cfg.num_redundant, ep_size=cfg.ranks, seed=cfg.seed)
+        P = cfg.num_logical + cfg.num_redundant
+        phy2log = initial_placement(cfg.layers, cfg.num_logical, P, cfg.ranks, "linear")
+        model = RefMoEModel(mcfg, rank, dist.group.WORLD, phy2log)
+        originals = logical_expert_weights(mcfg) if cfg.check_weights else None
+        chaos = Chaos(cfg.chaos_delay_s, seed=rank, fail_batch=cfg.chaos_fail_batch if rank == 1 else -1)
+        agent = PlacementAgent(model, rank=rank, ep_size=cfg.ranks, rpc=rpc, ingest=ingest, phy2log=phy2log,
+                               commit_interval_steps=cfg.commit_interval_steps, communicator=cfg.communicator,
+                               use_async=cfg.use_async, staging_budget_bytes=cfg.staging_budget_bytes, chaos=chaos)
+        agent.start()
+        deadline = time.monotonic() + 30
+        while agent.stats.registrations == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        routing = TraceRouting(cfg.trace, num_layers=cfg.layers, tokens_per_rank=cfg.tokens_per_rank,
+                               ep_size=cfg.ranks, seed=cfg.seed) if cfg.routing == "trace" else None
+        dist.barrier()
+
+        def batch(step: int, r: int):
+            x = make_inputs(mcfg, step, r, cfg.tokens_per_rank)
+            return x, (routing.expert_ids(step, r) if routing is not None else None)
+
+        probe_x, probe_ids = batch(10**6, rank)  # a batch no step uses
+        probe_ref = model.forward(probe_x, probe_ids)
+        loads = np.zeros((cfg.steps, cfg.layers, P), np.int32)
+        step_s = np.zeros(cfg.steps)
+        probes = mismatches = 0
+        bad_weights: list[str] = []
+        first_apply = -1
+        for step in range(cfg.steps):
+            t0 = time.perf_counter()
+            x, ids = batch(step, rank)
+            model.forward(x, ids)
+            loads[step] = agent.load_view.numpy()
+            applied_before = agent.stats.layers_applied
+            agent.after_step(step)
+            step_s[step] = time.perf_counter() - t0
+            if agent.stats.layers_applied != applied_before:  # the same on every rank (agreed in-band)
+                first_apply = step if first_apply < 0 else first_apply
+                probes += 1
+                mismatches += int(not torch.equal(model.forward(probe_x, probe_ids), probe_ref))
+                if originals is not None:
+                    bad_weights += placement_check(model.expert_weights, originals, agent.phy2log, rank,
+                                                   model.num_local_physical_experts)
+            if rank == 0 and step % 20 == 0:
+                out_q.put(("progress", {"step": step, "epoch": agent.epoch}))
+        dist.barrier()
+        agent.reporter.flush()
+        time.sleep(0.3)  # let the last reports and acks go out
+        agent.close()
+        s = agent.stats
+        out_q.put(("done", rank, {
+            "loads": loads, "step_s": step_s, "probes": probes, "mismatches": mismatches,
+            "bad_weights": bad_weights[:20], "first_apply": first_apply, "epoch": agent.epoch,
+            "phy2log": agent.phy2log.numpy().copy(), "communicator": agent.communicator,
+            "stats": {k: v for k, v in dataclasses.asdict(s).items()},
+            "reporter": {"recorded": agent.reporter.steps_recorded, "sent": agent.reporter.steps_sent,
+                         "dropped": agent.reporter.steps_dropped},
+        }))
+        dist.destroy_process_group()
+    except BaseException as exc:  # surfaced by the parent
+        out_q.put(("error", rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        if agent is not None:
+            try:
+                agent.close()
+            except Exception:
+                pass
+
+
+# -- parent ------------------------------------------------------------------------------------
+def _daemon_thread(cfg: DemoConfig):
+    import asyncio
+
+    import uvloop
+
+    from eplbd.server import Daemon
+    from eplbd.settings import load_settings
+
+    settings = load_settings(config_file=None, env={}, cli={
+        "rpc": "tcp://127.0.0.1:0", "ingest": "tcp://127.0.0.1:0", "metrics_port": -1,
+        "window_size": cfg.window_size, "step_interval": cfg.step_interval, "policy": cfg.policy,
+        "commit_interval_steps": cfg.commit_interval_steps, "log_level": "warning"})
+    box: dict[str, Any] = {}
+    ready = threading.Event()
+
+    def run() -> None:
+        async def main() -> None:
+            box["daemon"] = Daemon(settings)
+            box["loop"] = asyncio.get_running_loop()
+            await box["daemon"].start()
+            ready.set()
+            await box["daemon"].run()
+        try:
+            uvloop.run(main())
+        except BaseException as exc:
+            box["error"] = exc
+            ready.set()
+
+    t = threading.Thread(target=run, name="eplbd-daemon", daemon=True)
+    t.start()
+    if not ready.wait(15) or "error" in box:
+        raise RuntimeError(f"embedded daemon did not start: {box.get('error')}")
+
+    def stop() -> None:
+        box["loop"].call_soon_threadsafe(box["daemon"].request_stop)
+        t.join(10)
+
+    return box["daemon"], stop
+
+
+def aggregate_balancedness(loads: np.ndarray, num_ranks: int) -> float:
+    """vLLM-style balancedness of summed per-rank loads: sum_l mean_r / sum_l max_r.
+
+    ``loads [steps, layers, num_physical]``: per-rank sums are placement-independent, so steps
+    recorded under different placements add up correctly.
+    """
+    if loads.shape[0] == 0:
+        return float("nan")
+    per_rank = loads.reshape(loads.shape[0], loads.shape[1], num_ranks, -1).sum(axis=(0, 3), dtype=np.int64)
+    mx = per_rank.max(axis=1).sum()
+    return float(per_rank.mean(axis=1).sum() / mx) if mx else 1.0
+
+
+def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> dict:
+    """Run the demo; returns the summary (see ``eplbd demo --json``)."""
+    from eplbd.client.rpc import EplbClient
+
+    if cfg.routing == "trace" and not pathlib.Path(cfg.trace).is_file():
+        from eplbd.errors import TraceError
+        raise TraceError(f"routing trace {cfg.trace!r} not found (pass --trace or --routing router)")
+    daemon, stop_daemon = _daemon_thread(cfg)
+    ctx = mp.get_context("spawn")
+    out_q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, cfg, port, daemon.rpc_endpoint, daemon.ingest_endpoint, out_q),
+                         daemon=True) for r in range(cfg.ranks)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    results: dict[int, dict] = {}
+    errors: list[str] = []
+    last_print = 0.0
+    try:
+        with EplbClient(daemon.rpc_endpoint, timeout=5) as client:
+            while len(results) + len(errors) < cfg.ranks:
+                if time.monotonic() - t0 > cfg.timeout_s:
+                    errors.append(f"timed out after {cfg.timeout_s:g}s")
+                    break
+                try:
+                    msg = out_q.get(timeout=0.2)
+                except queue.Empty:
+                    msg = None
+                    if any(not p.is_alive() and p.exitcode not in (0, None) for p in procs) and out_q.empty():
+                        errors.append("a worker process died: exit codes "
+                                      f"{[p.exitcode for p in procs]}")
+                        break
+                if msg is not None and msg[0] == "done":
+                    results[msg[1]] = msg[2]
+                elif msg is not None and msg[0] == "error":
+                    errors.append(f"rank {msg[1]}: {msg[2]}")
+                if progress is not None and time.monotonic() - last_print > 1.0:
+                    last_print = time.monotonic()
+                    progress(_progress_line(client))
+            status = client.status()
+    finally:
+        for p in procs:
+            p.join(15)
+            if p.is_alive():
+                p.kill()
+        stop_daemon()
+    if errors:
+        raise RuntimeError("demo failed:\n" + "\n".join(errors))
+    return _summary(cfg, results, status, time.monotonic() - t0)
+
+
+def _progress_line(client: Any) -> str:
+    from eplbd.errors import EplbdError
+    try:
+        st = client.status()
+    except EplbdError as exc:
+        return f"daemon: {exc}"
+    try:
+        bal = f"{client.balancedness().observed.aggregate:.3f}"
+    except EplbdError:
+        bal = "  n/a"
+    plan = st.current_plan
+    plan_s = f"plan {plan.plan_id} {plan.state}" if plan else "no plan yet"
+    return (f"step {st.step:5d}  epoch {st.epoch}  balancedness {bal}  {plan_s}  "
+            f"reports {st.reports_received} (dropped {st.reports_dropped})")
+
+
+def _summary(cfg: DemoConfig, results: dict[int, dict], status: Any, wall_s: float) -> dict:
+    loads = sum(results[r]["loads"].astype(np.int64) for r in range(cfg.ranks))
+    first = min((res["first_apply"] for res in results.values() if res["first_apply"] >= 0), default=-1)
+    before = aggregate_balancedness(loads[:first if first >= 0 else cfg.steps], cfg.ranks)
+    after = aggregate_balancedness(loads[-cfg.window_size:], cfg.ranks)
+    stats = [results[r]["stats"] for r in range(cfg.ranks)]
+    step_s = np.stack([results[r]["step_s"] for r in range(cfg.ranks)]).max(axis=0)
+    apply_s = [x for s in stats for x in s["apply_s"]]
+    rep = [results[r]["reporter"] for r in range(cfg.ranks)]
+    plans = status.current_plan
+    return {
+        "ranks": cfg.ranks, "steps": cfg.steps, "communicator": results[0]["communicator"],
+        "use_async": cfg.use_async, "routing": cfg.routing,
+        "balancedness_before": round(before, 4), "balancedness_after": round(after, 4),
+        "first_rearrangement_step": first,
+        "plans_committed": stats[0]["plans_committed"], "plans_aborted": stats[0]["plans_aborted"],
+        "daemon_epoch": status.epoch, "last_plan": plans.state if plans else None,
+        "experts_moved": sum(s["slots_changed"] for s in stats),
+        "experts_transferred": sum(s["experts_received"] for s in stats),
+        "bytes_moved": sum(s["bytes_received"] for s in stats),
+        "reports_dropped": int(status.reports_dropped) + sum(r["dropped"] for r in rep),
+        "steps_reported": sum(r["sent"] for r in rep), "steps_recorded": sum(r["recorded"] for r in rep),
+        "outputs_identical": all(results[r]["mismatches"] == 0 for r in range(cfg.ranks)),
+        "probes": results[0]["probes"],
+        "weights_checked": cfg.check_weights,
+        "weights_ok": all(not results[r]["bad_weights"] for r in range(cfg.ranks)),
+        "bad_weights": [b for r in range(cfg.ranks) for b in results[r]["bad_weights"]][:10],
+        "placements_agree": all(np.array_equal(results[r]["phy2log"], results[0]["phy2log"])
+                                for r in range(cfg.ranks)),
+        "step_ms_p50": round(float(np.percentile(step_s, 50)) * 1e3, 3),
+        "step_ms_p99": round(float(np.percentile(step_s, 99)) * 1e3, 3),
+        "step_ms_max": round(float(step_s.max()) * 1e3, 3),
+        "apply_ms_max": round(max(apply_s, default=0.0) * 1e3, 3),
+        "steps_per_s": round(cfg.steps / float(step_s.sum()), 1),
+        "wall_s": round(wall_s, 1),
+    }
+
+
+def print_summary(s: dict, out=sys.stdout) -> None:
+    ok = "yes" if s["outputs_identical"] else "NO"
+    print(f"\n{s['ranks']} ranks x {s['steps']} steps, communicator {s['communicator']}, "
+          f"{'async' if s['use_async'] else 'blocking'}, routing: {s['routing']}", file=out)
+    print(f"  balancedness before the first rearrangement : {s['balancedness_before']:.3f}", file=out)
+    print(f"  balancedness over the last window           : {s['balancedness_after']:.3f}", file=out)
+    print(f"  plans committed / aborted                   : {s['plans_committed']} / {s['plans_aborted']}", file=out)
+    print(f"  experts moved (slots changed) / transferred : {s['experts_moved']} / {s['experts_transferred']} "
+          f"({s['bytes_moved'] / 1e6:.1f} MB over the wire)", file=out)
+    print(f"  load reports dropped                        : {s['reports_dropped']}", file=out)
+    print(f"  probe outputs identical after every commit  : {ok} ({s['probes']} probes)", file=out)
+    print(f"  step time p50 / p99 / max                   : {s['step_ms_p50']:.2f} / {s['step_ms_p99']:.2f} / "
+          f"{s['step_ms_max']:.2f} ms (apply at most {s['apply_ms_max']:.2f} ms)", file=out)
+
+
+def main_from_args(args: Any) -> int:
+    cfg = DemoConfig(ranks=args.ranks, steps=args.steps, communicator=args.communicator,
+                     use_async=not args.blocking, trace=args.trace, routing=args.routing,
+                     check_weights=args.check_weights)
+    progress = None if args.json else (lambda line: print(line, flush=True))
+    if not args.json:
+        print(f"eplbd demo: embedded daemon + {cfg.ranks} worker processes of the reference MoE model "
+              f"({cfg.layers} layers x {cfg.num_logical} experts + {cfg.num_redundant} redundant, top-{cfg.top_k}), "
+              f"{cfg.steps} steps", flush=True)
+    summary = run_demo(cfg, progress)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print_summary(summary)
+    return 0 if summary["outputs_identical"] else 1
+
