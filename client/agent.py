@@ -44,7 +44,7 @@ from eplbd.client.comm.base import Communicator
 from eplbd.client.reporter import LoadReporter
 from eplbd.client.schedule import LayerSchedule, plan_schedules
 from eplbd.client.worker import WorkerLink
-from eplbd.errors import EplbdError, InvalidArgumentError, NotRegisteredError
+from eplbd.errors import EplbdError, InvalidArgumentError, NotRegisteredError, UnavailableError
 from eplbd.proto import Abort, Commit, Plan
 
 log = logging.getLogger("eplbd.agent")
@@ -69,8 +69,8 @@ class Chaos:
         if self.max_delay_s > 0:
             time.sleep(self._rng.uniform(0, self.max_delay_s))
 
-    def batch(self) -> None:
-        self.delay()
+    def check_batch(self) -> None:
+        """After a batch: fail the ``fail_batch``-th one (as a corrupted or partial transfer would)."""
         self._batches += 1
         if self._batches == self.fail_batch:
             raise EplbdError(f"injected transfer failure on batch {self._batches}")
@@ -101,11 +101,14 @@ class _Active:
         self.layers = list(plan.layers)
         self.rows = {layer: plan.phy2log[i] for i, layer in enumerate(plan.layers)}
         self.schedules = schedules
-        self.staged = 0  # prefix of self.layers staged here
+        self.granted = 0  # layers every rank agreed to stage (in-band, at a commit boundary)
+        self.started = 0  # layers this rank has run the transfers of (<= granted)
+        self.staged = 0  # prefix of self.layers staged successfully here
         self.permitted: set[int] = set()
         self.buffers: dict[int, int] = {}  # layer index -> staging buffer
         self.applied = 0
-        self.failed = ""
+        self.failed = ""  # a transfer failed here: no more grants for this plan, anywhere
+        self.aborted = False  # the daemon aborted it (nothing kept): dropped once granted staging is done
         self.received_at = time.monotonic()
 
     @property
@@ -228,40 +231,50 @@ class PlacementAgent:
         if (step + 1) % self.commit_interval:
             return
         if self.use_async:
-            self._agree_and_apply(step)
+            self._cadence(step)
         else:
             self._blocking_rearrange(step)
 
-    def _agree(self, pid: int, ready: int) -> tuple[bool, int]:
-        t = torch.tensor([-pid, pid, ready], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self._ctl_group)
-        neg_max, low, n = (int(x) for x in t)
-        return (low == -neg_max and low >= 0), n
+    def _cadence(self, step: int) -> tuple[int, int]:
+        """The in-band agreement, at a commit boundary, on every rank.
 
-    def _local_ready(self) -> tuple[int, int]:
+        One all-reduce (MIN) over the EP group of ``(-plan, plan, ready, can_start, -flag)``:
+        ``ready`` = layers staged here and permitted by the daemon, ``can_start`` = layers this
+        rank has staging memory for, ``flag`` = a transfer failed or the daemon aborted. Every rank
+        gets the same result, so every rank applies the same layers and starts staging the same
+        next layers: no rank ever waits for a peer that will not come. Runs under the agent's
+        lock, so an abort arriving meanwhile sees the grant. Returns (layers applied, granted).
+        """
         with self._lock:
             a = self._active
-            return (a.plan.plan_id, a.ready()) if a is not None else (-1, 0)
-
-    def _agree_and_apply(self, step: int) -> int:
-        pid, ready = self._local_ready()
-        same, n = self._agree(pid, ready)
-        if not same:
-            return 0
-        with self._lock:
-            a = self._active
-            if a is None or a.plan.plan_id != pid or n <= a.applied:
-                return 0
-            t0 = time.perf_counter()
-            done = self._apply(a, n)
-            self.stats.apply_s.append(time.perf_counter() - t0)
-            self._outbox.append(lambda: self.link.ack(a.plan.plan_id, a.plan.epoch, done, step + 1))
-            if a.applied == len(a.layers):
-                self._finish(a)
+            if a is None:
+                vec = [1, -1, 0, 0, 0]
             else:
-                self.tag = (a.plan.epoch, a.applied)
-        self._emit("applied", plan_id=pid, layers=done, step=step)
-        return len(done)
+                flag = bool(a.failed or a.aborted)
+                can = 0 if flag else min(len(self._free), len(a.layers) - a.granted)
+                vec = [-a.plan.plan_id, a.plan.plan_id, a.ready(), can, -int(flag)]
+            t = torch.tensor(vec, dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self._ctl_group)
+            neg_max, low, n, grant, neg_flag = (int(x) for x in t)
+            if a is None or low != -neg_max or low != a.plan.plan_id:
+                return 0, 0
+            done: list[int] = []
+            if n > a.applied:
+                t0 = time.perf_counter()
+                done = self._apply(a, n)
+                self.stats.apply_s.append(time.perf_counter() - t0)
+                self._outbox.append(lambda: self.link.ack(a.plan.plan_id, a.plan.epoch, done, step + 1))
+                if a.applied == len(a.layers):
+                    self._finish(a)
+                else:
+                    self.tag = (a.plan.epoch, a.applied)
+            if neg_flag == 0 and grant > 0:
+                a.granted += grant
+            else:
+                grant = 0
+        if done:
+            self._emit("applied", plan_id=a.plan.plan_id, layers=done, step=step)
+        return len(done), grant
 
     def _apply(self, a: _Active, n: int) -> list[int]:
         """Copy staged layers ``a.applied..n-1`` into the live slots and the placement tensors."""
@@ -303,30 +316,26 @@ class PlacementAgent:
         log.info("rank %d: plan %d applied, epoch %d", self.rank, a.plan.plan_id, self.epoch)
 
     def _blocking_rearrange(self, step: int) -> None:
-        """Blocking mode: if every rank holds the same plan, run all of it inside this boundary."""
-        pid, _ = self._local_ready()
-        same, _ = self._agree(pid, 1)
-        if not same:
-            return
+        """Blocking mode: stage, get permission and apply inside this step boundary, in rounds of
+        as many layers as the staging pool holds; every round ends with the in-band agreement, so
+        all ranks run the same number of rounds."""
         with self._lock:
             timeout = self._active.plan.timeout_s if self._active is not None else 0.0
         deadline = time.monotonic() + (timeout or 60.0)
-        while True:
-            while True:  # stage as many layers as the staging pool holds (all ranks in step)
+        applied, granted = self._cadence(step)
+        while applied or granted:
+            with self._lock:
+                a = self._active
+            if a is None:
+                return
+            self._stage_granted(a)
+            while True:  # the daemon's permission arrives on the agent thread
                 with self._lock:
-                    a = self._active
-                    more = a is not None and not a.failed and a.staged < len(a.layers) and self._free
-                if not more:
-                    break
-                self._stage_next(a)
-            while True:  # wait for the daemon's permission (it arrives on the agent thread)
-                with self._lock:
-                    a = self._active
-                    if a is None or a.failed or a.ready() > a.applied or time.monotonic() > deadline:
+                    if (a.failed or a.aborted or a.ready() > a.applied or a.staged <= a.applied
+                            or time.monotonic() > deadline):
                         break
                 time.sleep(0.0005)
-            if self._agree_and_apply(step) == 0:
-                return
+            applied, granted = self._cadence(step)
 
     # -- agent thread -----------------------------------------------------------------------
     def _run(self) -> None:
@@ -375,8 +384,19 @@ class PlacementAgent:
             self._on_pushed(reg.plan)
 
     def _drain_outbox(self) -> None:
+        """Send what the engine thread queued, in order. A send that fails because the daemon is
+        unreachable stays queued (raised to ``_run``, retried); any other failure drops it, logged."""
         while self._outbox:
-            self._outbox[0]()
+            try:
+                self._outbox[0]()
+            except EplbdError as exc:
+                if not isinstance(exc, (UnavailableError, NotRegisteredError)):
+                    log.warning("rank %d: daemon refused a message: %s", self.rank, exc)
+                    self._outbox.popleft()
+                    continue
+                raise
+            except Exception:
+                log.exception("rank %d: dropping a message to the daemon", self.rank)
             self._outbox.popleft()
 
     def _on_pushed(self, msg: Any) -> None:
@@ -422,59 +442,94 @@ class PlacementAgent:
                 return
             if msg.keep_layers:
                 # Permitted layers are staged on every rank; they are still applied.
-                keep = [layer for layer in a.layers if layer in set(msg.keep_layers)]
-                a.layers, a.schedules = keep, a.schedules[:len(keep)]
-                a.staged = min(a.staged, len(keep))
-                a.permitted |= set(keep)
-                for i in [i for i in a.buffers if i >= len(keep)]:
-                    self._free.append(a.buffers.pop(i))
-                if a.applied >= len(keep):
+                keep = set(msg.keep_layers)
+                n = 0
+                while n < len(a.layers) and a.layers[n] in keep:
+                    n += 1
+                a.layers = a.layers[:n]  # schedules stay whole: granted layers are still run (see below)
+                a.permitted |= keep
+                a.failed = a.failed or f"aborted, keeping {n} layer(s): {msg.reason}"
+                self._release_unneeded(a)
+                if a.applied >= n:
                     self._finish(a)
             else:
-                self._free.extend(a.buffers.values())
-                self._active = None
-                self.stats.plans_aborted += 1
+                a.aborted = True
+                self._release_unneeded(a)
         log.warning("rank %d: plan %d aborted: %s", self.rank, msg.plan_id, msg.reason)
         self._emit("aborted", plan_id=msg.plan_id, reason=msg.reason)
+
+    def _release_unneeded(self, a: _Active) -> None:
+        """Under the lock: once no granted staging is pending, free buffers of layers that will not be
+        applied, and drop a plan the daemon aborted outright."""
+        if a.started < a.granted:
+            return  # the agent thread finishes the granted layers first (peers are waiting for them)
+        for i in [i for i in a.buffers if i >= len(a.layers) or a.aborted]:
+            self._free.append(a.buffers.pop(i))
+        if a.aborted and self._active is a:
+            self._active = None
+            self.stats.plans_aborted += 1
 
     def _maybe_stage(self) -> None:
         with self._lock:
             a = self._active
-            if a is None or a.failed or a.staged >= len(a.layers) or not self._free:
+            if a is None or a.started >= a.granted:
                 return
-        self._stage_next(a)
+        self._stage_granted(a)
 
-    def _stage_next(self, a: _Active) -> None:
-        """Stage layer ``a.staged`` into a free buffer, then tell the daemon (from the agent thread)."""
-        with self._lock:
-            i, buf = a.staged, self._free.pop()
-        layer, sched = a.layers[i], a.schedules[i]
+    def _stage_granted(self, a: _Active) -> None:
+        """Run the transfers of every granted layer. A granted layer is always run to the end, even
+        after a failure here (its results are then unused): the peers are running it too."""
+        while True:
+            with self._lock:
+                if a.started >= a.granted:
+                    self._release_unneeded(a)
+                    return
+                i, buf = a.started, self._free.pop()
+            ok = self._stage_layer(a, i, buf)
+            with self._lock:
+                a.started = i + 1
+                if ok and not a.failed and a.staged == i:
+                    a.buffers[i] = buf
+                    a.staged = i + 1
+                    layer = a.layers[i] if i < len(a.layers) else -1
+                else:
+                    self._free.append(buf)
+                    layer = -1
+            if layer >= 0:
+                self._outbox.append(lambda layer=layer: self.link.layer_ready(a.plan.plan_id, a.plan.epoch, [layer]))
+
+    def _stage_layer(self, a: _Active, i: int, buf: int) -> bool:
+        """Stage layer ``i`` of the plan into ``buf``: remote batches, then local copies."""
+        layer, sched = a.plan.layers[i], a.schedules[i]
         t0 = time.perf_counter()
         before = self.comm.bytes_received
-        try:
-            for batch in sched.for_rank(self.rank):
-                if batch:
-                    self.chaos.batch()
-                    self.comm.run_batch(buf, batch)
-            live, staging = self.model.expert_weights[layer], self.staging[buf]
-            for c in sched.local[self.rank]:
-                src = staging if c.from_staging else live
-                for s, d in zip(src, staging):
-                    d[c.dst_local].copy_(s[c.src_local])
-        except EplbdError as exc:
+        error = ""
+        for batch in sched.for_rank(self.rank):
+            if not batch:
+                continue
+            try:
+                self.chaos.delay()
+                self.comm.run_batch(buf, batch)
+                self.chaos.check_batch()
+            except EplbdError as exc:
+                error = error or f"staging layer {layer} failed: {exc}"
+        if error:
             with self._lock:
-                self._free.append(buf)
-                a.failed = str(exc)
-            log.warning("rank %d: staging layer %d of plan %d failed: %s", self.rank, layer, a.plan.plan_id, exc)
-            self._outbox.append(lambda: self.link.abort(a.plan.plan_id, a.plan.epoch, f"staging failed: {exc}"))
-            return
+                first = not a.failed
+                a.failed = a.failed or error
+            log.warning("rank %d: plan %d: %s", self.rank, a.plan.plan_id, error)
+            if first:
+                self._outbox.append(lambda: self.link.abort(a.plan.plan_id, a.plan.epoch, error))
+            return False
+        live, staging = self.model.expert_weights[layer], self.staging[buf]
+        for c in sched.local[self.rank]:
+            src = staging if c.from_staging else live
+            for s, d in zip(src, staging):
+                d[c.dst_local].copy_(s[c.src_local])
         self.stats.stage_s.append(time.perf_counter() - t0)
         self.stats.bytes_received += self.comm.bytes_received - before
         self.stats.experts_received += sum(1 for b in sched.batches for t in b if t.dst_rank == self.rank)
-        with self._lock:
-            a.buffers[i] = buf
-            a.staged = i + 1
-        self._outbox.append(lambda: self.link.layer_ready(a.plan.plan_id, a.plan.epoch, [layer]))
+        return True
 
     def _emit(self, kind: str, **info: Any) -> None:
         if self.on_event is not None:

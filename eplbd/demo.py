@@ -60,6 +60,7 @@ class DemoConfig:
     check_weights: bool = False
     seed: int = 0
     timeout_s: float = 300.0
+    daemon: bool = True  # False: workers get endpoints nobody serves (the engine must not care)
 
 
 def _free_port() -> int:
@@ -92,16 +93,18 @@ def _worker(rank: int, cfg: DemoConfig, port: int, rpc: str, ingest: str, out_q:
                                commit_interval_steps=cfg.commit_interval_steps, communicator=cfg.communicator,
                                use_async=cfg.use_async, staging_budget_bytes=cfg.staging_budget_bytes, chaos=chaos)
         agent.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + (30 if cfg.daemon else 0)
         while agent.stats.registrations == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
-        routing = TraceRouting(cfg.trace, num_layers=cfg.layers, tokens_per_rank=cfg.tokens_per_rank,
-                               ep_size=cfg.ranks, seed=cfg.seed) if cfg.routing == "trace" else None
+        routing = TraceRouting.for_config(mcfg, cfg.trace, tokens_per_rank=cfg.tokens_per_rank, seed=cfg.seed) \
+            if cfg.routing == "trace" else None
         dist.barrier()
 
         def batch(step: int, r: int):
-            x = make_inputs(mcfg, step, r, cfg.tokens_per_rank)
-            return x, (routing.expert_ids(step, r) if routing is not None else None)
+            if routing is None:
+                return make_inputs(mcfg, step, r, cfg.tokens_per_rank), None
+            ids = routing.rank_batch(step, r)
+            return make_inputs(mcfg, step, r, ids.shape[0]), ids
 
         probe_x, probe_ids = batch(10**6, rank)  # a batch no step uses
         probe_ref = model.forward(probe_x, probe_ids)
@@ -211,12 +214,17 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
     if cfg.routing == "trace" and not pathlib.Path(cfg.trace).is_file():
         from eplbd.errors import TraceError
         raise TraceError(f"routing trace {cfg.trace!r} not found (pass --trace or --routing router)")
-    daemon, stop_daemon = _daemon_thread(cfg)
+    if cfg.daemon:
+        daemon, stop_daemon = _daemon_thread(cfg)
+        rpc, ingest = daemon.rpc_endpoint, daemon.ingest_endpoint
+    else:
+        rpc, ingest = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
+        stop_daemon = lambda: None  # noqa: E731
     ctx = mp.get_context("spawn")
     out_q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, cfg, port, daemon.rpc_endpoint, daemon.ingest_endpoint, out_q),
-                         daemon=True) for r in range(cfg.ranks)]
+    procs = [ctx.Process(target=_worker, args=(r, cfg, port, rpc, ingest, out_q), daemon=True)
+             for r in range(cfg.ranks)]
     t0 = time.monotonic()
     for p in procs:
         p.start()
@@ -224,7 +232,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
     errors: list[str] = []
     last_print = 0.0
     try:
-        with EplbClient(daemon.rpc_endpoint, timeout=5) as client:
+        with EplbClient(rpc, timeout=5) as client:
             while len(results) + len(errors) < cfg.ranks:
                 if time.monotonic() - t0 > cfg.timeout_s:
                     errors.append(f"timed out after {cfg.timeout_s:g}s")
@@ -241,10 +249,10 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
                     results[msg[1]] = msg[2]
                 elif msg is not None and msg[0] == "error":
                     errors.append(f"rank {msg[1]}: {msg[2]}")
-                if progress is not None and time.monotonic() - last_print > 1.0:
+                if progress is not None and cfg.daemon and time.monotonic() - last_print > 1.0:
                     last_print = time.monotonic()
                     progress(_progress_line(client))
-            status = client.status()
+            status = client.status() if cfg.daemon else None
     finally:
         for p in procs:
             p.join(15)
@@ -281,18 +289,18 @@ def _summary(cfg: DemoConfig, results: dict[int, dict], status: Any, wall_s: flo
     step_s = np.stack([results[r]["step_s"] for r in range(cfg.ranks)]).max(axis=0)
     apply_s = [x for s in stats for x in s["apply_s"]]
     rep = [results[r]["reporter"] for r in range(cfg.ranks)]
-    plans = status.current_plan
+    plans = status.current_plan if status is not None else None
     return {
         "ranks": cfg.ranks, "steps": cfg.steps, "communicator": results[0]["communicator"],
         "use_async": cfg.use_async, "routing": cfg.routing,
         "balancedness_before": round(before, 4), "balancedness_after": round(after, 4),
         "first_rearrangement_step": first,
         "plans_committed": stats[0]["plans_committed"], "plans_aborted": stats[0]["plans_aborted"],
-        "daemon_epoch": status.epoch, "last_plan": plans.state if plans else None,
+        "daemon_epoch": status.epoch if status is not None else None, "last_plan": plans.state if plans else None,
         "experts_moved": sum(s["slots_changed"] for s in stats),
         "experts_transferred": sum(s["experts_received"] for s in stats),
         "bytes_moved": sum(s["bytes_received"] for s in stats),
-        "reports_dropped": int(status.reports_dropped) + sum(r["dropped"] for r in rep),
+        "reports_dropped": (int(status.reports_dropped) if status is not None else 0) + sum(r["dropped"] for r in rep),
         "steps_reported": sum(r["sent"] for r in rep), "steps_recorded": sum(r["recorded"] for r in rep),
         "outputs_identical": all(results[r]["mismatches"] == 0 for r in range(cfg.ranks)),
         "probes": results[0]["probes"],
