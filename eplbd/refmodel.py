@@ -16,8 +16,9 @@ tensors, all of which move with it and all of which matter to the output: ``w_ga
 
 One step (``RefMoEModel.forward``), on every rank:
 
-1. Exchange token counts, then gather every rank's tokens (and trace expert ids): 2 collectives.
-   Global token ``i`` of rank ``r`` has id ``offset_r + i``.
+1. Gather every rank's tokens (and trace expert ids) with one ``all_to_all_single`` (rows padded to
+   a capacity all ranks agree on, the largest token count seen so far; a second exchange only when a
+   rank exceeds it). Global token ``i`` of rank ``r`` has id ``offset_r + i``.
 2. Per layer: RMS-norm, router logits, top-k (or the trace's experts, gate weights = softmax of the
    router logits over those k); the replica of (token, k) is ``(token_id + k) % logcnt[layer, e]``, its
    slot ``log2phy[layer, e, replica]``, its owner ``slot // num_local``. Each rank computes the experts
@@ -59,9 +60,9 @@ placements with 2 and 4 ranks. The guarantee assumes one torch build and CPU typ
 thread count everywhere and ``torch.get_float32_matmul_precision() == "highest"`` (checked).
 
 Performance: call ``torch.set_num_threads(1)`` in each rank's process (the sizes are far too small to
-gain from intra-op threads, and several ranks share the cores). A step costs ``2 + num_layers`` gloo
+gain from intra-op threads, and several ranks share the cores). A step costs ``1 + num_layers`` gloo
 ``all_to_all_single`` calls; with 4 ranks on 2 cores each takes ~1.2 ms of latency and ~0.26 ms of
-CPU per rank, which bounds the demo shape (24 layers) to roughly 30 steps/s before any compute.
+CPU per rank, which bounds the demo shape (24 layers) to about 30 steps/s before any compute.
 """
 
 from __future__ import annotations
@@ -264,11 +265,11 @@ def expert_stage(
     a = _silu_table(q).index_select(0, idx.view(-1)).view(idx.shape)
     a = a.mul_(up).round_().clamp_(-q.a_max, q.a_max)
     y = _grouped_matmul(a, w_down.to(q.acc), offs)  # exact again
-    # One correctly rounded cast (float64 accumulation only), one rounded multiply by the scale, and
-    # an exact multiply by 2**-a_frac.
-    row_scale = scale.view(-1).to(config.dtype).index_select(
+    # One correctly rounded cast (float64 accumulation only) and one rounded multiply per element.
+    # (scale * 2**-a_frac is exact: a power-of-two factor.)
+    row_scale = (scale.view(-1).to(config.dtype) * 2.0 ** -q.a_frac).index_select(
         0, torch.from_numpy(np.repeat(np.arange(counts.size), counts)))
-    return y.to(config.dtype).mul_(row_scale.unsqueeze(1)).mul_(2.0 ** -q.a_frac)
+    return y.to(config.dtype).mul_(row_scale.unsqueeze(1))
 
 
 def _grouped_matmul(rows: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -482,6 +483,7 @@ class RefMoEModel:
         self.log2phy = torch.full((L, E, config.num_redundant + 1), -1, dtype=torch.int64)
         self.logcnt = torch.zeros((L, E), dtype=torch.int64)
         self.expert_load_view = torch.zeros((L, P), dtype=torch.int64)
+        self._capacity = 0  # rows per rank in the input exchange, agreed by all ranks (see _gather_inputs)
         self.load_placement_(phy2log)
         self.expert_weights: list[list[torch.Tensor]] = local_expert_weights(config, self.phy2log, self.rank)
         self.router_weight, self.router_bias = router_weights(config)
@@ -547,6 +549,44 @@ class RefMoEModel:
                                input_split_sizes=[int(rows.shape[0])] * self.ep_size, group=self.group)
         return out
 
+    def _gather_inputs(self, x: torch.Tensor, ids: torch.Tensor | None,
+                       error: Exception | None) -> tuple[list[int], torch.Tensor]:
+        """Every rank's tokens (rows ``[x | expert ids]``, ids as exact floats) in rank order.
+
+        Each rank sends a header row ``[T, has_ids, ok]`` and its rows padded to a capacity all ranks
+        agree on (the largest T seen so far): one collective per step. When a rank has more tokens
+        than that, every rank sees it in the headers and a second exchange with exact sizes follows.
+        A bad input (``error``) or mixed trace/router modes fail on every rank, without a hang.
+        """
+        cfg, ws = self.config, self.ep_size
+        H, width = cfg.hidden, cfg.hidden + cfg.num_layers * cfg.top_k
+        T, cap = int(x.shape[0]), self._capacity
+
+        def rows(n: int) -> torch.Tensor:
+            out = x.new_zeros((n, width))
+            out[:T, :H] = x
+            if ids is not None:
+                out[:T, H:] = ids.reshape(T, width - H)
+            return out
+
+        chunk = torch.cat([torch.tensor([[T, ids is not None, error is None] + [0] * (width - 3)],
+                                        dtype=x.dtype), rows(cap) if T <= cap else rows(T)[:cap]])
+        got = self._gather_rows(chunk, [cap + 1] * ws)
+        head = got[::cap + 1, :3].tolist()
+        if error is not None:
+            raise error
+        bad = [r for r, h in enumerate(head) if not h[2]]
+        if bad:
+            raise InvalidArgumentError(f"rank {bad[0]} passed an invalid input to forward")
+        if len({h[1] for h in head}) != 1:
+            raise InvalidArgumentError("forward: some ranks passed expert_ids and others did not")
+        sizes = [int(h[0]) for h in head]
+        self._capacity = max(cap, *sizes)
+        if max(sizes) > cap:
+            return sizes, self._gather_rows(rows(T), sizes)
+        keep = np.concatenate([r * (cap + 1) + 1 + np.arange(n) for r, n in enumerate(sizes)])
+        return sizes, got.index_select(0, torch.from_numpy(keep))
+
     # ---- forward
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None) -> torch.Tensor:
         """One step: ``x [T, hidden]`` are this rank's tokens (T may differ per rank, may be 0);
@@ -562,26 +602,15 @@ class RefMoEModel:
         except InvalidArgumentError as exc:
             error, x, ids = exc, torch.zeros((0, H), dtype=cfg.dtype), None
         T = int(x.shape[0])
-        # Sizes, trace mode and validity travel together so that a bad input fails on every rank.
-        meta = self._gather_rows(torch.tensor([[T, ids is not None, error is None]], dtype=torch.int64),
-                                 [1] * self.ep_size).tolist()
-        if error is not None:
-            raise error
-        bad = [r for r, m in enumerate(meta) if not m[2]]
-        if bad:
-            raise InvalidArgumentError(f"rank {bad[0]} passed an invalid input to forward")
-        if len({m[1] for m in meta}) != 1:
-            raise InvalidArgumentError("forward: some ranks passed expert_ids and others did not")
-        sizes = [m[0] for m in meta]
+        sizes, full = self._gather_inputs(x, ids, error)
         total, offset = sum(sizes), sum(sizes[:self.rank])
         self.expert_load_view.zero_()
         if total == 0:
             return x.clone()
-        payload = x if ids is None else torch.cat([x, ids.reshape(T, L * K).to(x.dtype)], dim=1)
-        full = self._gather_rows(payload, sizes)
         state = full[:, :H].contiguous()
         # trace ids as [L, total, K] so that each layer's slice is contiguous
-        all_ids = None if ids is None else full[:, H:].long().view(total, L, K).transpose(0, 1).contiguous()
+        has_ids = ids is not None
+        all_ids = full[:, H:].long().view(total, L, K).transpose(0, 1).contiguous() if has_ids else None
         # Routing bookkeeping in numpy (cheaper per call than torch at these sizes); the placement
         # tensors are read through zero-copy views, at every forward.
         token_k = (np.arange(total)[:, None] + np.arange(K)[None, :]).ravel()  # global token id + k

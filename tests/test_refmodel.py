@@ -1,9 +1,10 @@
 """The reference EP MoE model (eplbd.refmodel): real gloo process groups, no mocks.
 
-The distributed checks run in two spawned groups (2 and 4 ranks); each rank runs many forwards
-(three placements x router/trace mode x several steps, an in-place rearrangement, corrupted slots,
-a bad input) and saves what it saw; the parent compares against the single-process
-``reference_forward`` and against loads derived independently from the reference routing.
+The distributed checks run in one spawn of 4 processes: a 4-rank EP group (WORLD), then a 2-rank
+one (the subgroup {0, 1}). Each rank runs many forwards (three placements x router/trace mode x
+several steps, an in-place rearrangement, corrupted slots, a bad input) and saves what it saw; the
+parent compares with the single-process ``reference_forward`` and with loads derived independently
+from the reference routing.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def global_batches(trace_ids: list[torch.Tensor]) -> list[dict]:
     """Global steps (same for every rank count): router mode, then trace mode."""
     cfg = config(1)
     out = []
-    for step, n in enumerate((37, 20, 5)):
+    # 20 then 37 tokens: the second step overflows the exchange capacity set by the first
+    for step, n in enumerate((20, 37, 5)):
         out.append({"mode": "router", "x": make_inputs(cfg, step, 0, n), "ids": None})
     for step, ids in enumerate(trace_ids):
         out.append({"mode": "trace", "x": make_inputs(cfg, 100 + step, 0, ids.shape[0]), "ids": ids})
@@ -107,75 +109,85 @@ PATTERNS = {2: [3.0, 1.0], 4: [2.0, 0.0, 1.0, 1.5]}  # rank 1 of 4 gets no token
 
 
 # -------------------------------------------------------------------- the spawned ranks
-def _worker(rank: int, ws: int, port: int, batches: list[dict], out_dir: str) -> None:
+def _checks(rank: int, ws: int, group, batches: list[dict]) -> dict:
+    """Everything one rank of a ``ws``-rank EP group does; returns what it saw."""
+    cfg = config(ws)
+    nl = cfg.num_local_physical
+    originals = logical_expert_weights(cfg)
+    res: dict = {"outputs": {}, "loads": {}, "weights_ok": {}}
+
+    def run_all(model: RefMoEModel, name: str) -> None:
+        for i, b in enumerate(batches):
+            xs, ids = per_rank(b, ws, PATTERNS[ws])
+            res["outputs"][name, i] = model.forward(xs[rank], None if ids is None else ids[rank])
+            res["loads"][name, i] = model.expert_load_view.clone()
+
+    models = {}
+    for name, phy2log in placements(cfg).items():
+        model = RefMoEModel(cfg, rank, group, phy2log)
+        res["weights_ok"][name] = all(
+            torch.equal(model.expert_weights[layer][t][j], originals[layer][t][int(phy2log[layer, rank * nl + j])])
+            for layer in range(cfg.num_layers) for t in range(3) for j in range(nl))
+        run_all(model, name)
+        models[name] = model
+
+    # A rearrangement done the way a placement agent does it: new placement tensors in place,
+    # the new experts copied into the live slots in place; nothing reallocated.
+    model = models["linear"]
+    new = placements(cfg)["random"]
+    ptrs = [t.data_ptr() for t in model.placement_tensors()] + \
+        [t.data_ptr() for layer in model.expert_weights for t in layer]
+    model.load_placement_(new)
+    for layer, tensors in enumerate(local_expert_weights(cfg, new, rank)):
+        for live, fresh in zip(model.expert_weights[layer], tensors):
+            live.copy_(fresh)
+    res["same_storage"] = ptrs == [t.data_ptr() for t in model.placement_tensors()] + \
+        [t.data_ptr() for layer in model.expert_weights for t in layer]
+    run_all(model, "rearranged")
+
+    # Every tensor of an expert matters: swap one tensor between two slots of rank 0 that hold
+    # different experts (all three tensors differ) and get tokens from rank 0, run, restore.
+    model = models["round_robin"]
+    xs, _ = per_rank(batches[0], ws, PATTERNS[ws])
+    layer, used = 0, res["loads"]["round_robin", 0][0, :nl]
+    if rank == 0:
+        loaded = [j for j in torch.argsort(used, descending=True, stable=True).tolist() if used[j] > 0]
+        i = loaded[0]
+        j = next(j for j in loaded[1:] if all(not torch.equal(w[i], w[j]) for w in model.expert_weights[layer]))
+    res["corrupted"] = {}
+    for t in range(3):
+        tensor = model.expert_weights[layer][t]
+        if rank == 0:
+            saved = tensor.clone()
+            tensor[[i, j]] = tensor[[j, i]].clone()
+        res["corrupted"][t] = model.forward(xs[rank])
+        if rank == 0:
+            tensor.copy_(saved)
+    res["restored"] = model.forward(xs[rank])
+
+    # A bad input on one rank fails on every rank instead of hanging the others.
+    bad = torch.zeros((3, cfg.hidden + 1)) if rank == ws - 1 else xs[rank]
+    try:
+        model.forward(bad)
+        res["bad_input"] = None
+    except InvalidArgumentError as exc:
+        res["bad_input"] = str(exc)
+    res["after_bad_input"] = model.forward(xs[rank])
+    return res
+
+
+def _worker(rank: int, world: int, port: int, batches: list[dict], out_dir: str) -> None:
+    """4 processes: the 4-rank checks on WORLD, then the 2-rank checks on the subgroup {0, 1}."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=ws,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        cfg = config(ws)
-        nl = cfg.num_local_physical
-        originals = logical_expert_weights(cfg)
-        res: dict = {"outputs": {}, "loads": {}, "weights_ok": {}}
-
-        def run_all(model: RefMoEModel, name: str) -> None:
-            for i, b in enumerate(batches):
-                xs, ids = per_rank(b, ws, PATTERNS[ws])
-                out = model.forward(xs[rank], None if ids is None else ids[rank])
-                res["outputs"][name, i] = out
-                res["loads"][name, i] = model.expert_load_view.clone()
-
-        models = {}
-        for name, phy2log in placements(cfg).items():
-            model = RefMoEModel(cfg, rank, dist.group.WORLD, phy2log)
-            res["weights_ok"][name] = all(
-                torch.equal(model.expert_weights[layer][t][j], originals[layer][t][int(phy2log[layer, rank * nl + j])])
-                for layer in range(cfg.num_layers) for t in range(3) for j in range(nl))
-            run_all(model, name)
-            models[name] = model
-
-        # A rearrangement done the way a placement agent does it: new placement tensors in place,
-        # the new experts copied into the live slots in place; nothing reallocated.
-        model = models["linear"]
-        new = placements(cfg)["random"]
-        ptrs = [t.data_ptr() for t in model.placement_tensors()] + \
-            [t.data_ptr() for layer in model.expert_weights for t in layer]
-        model.load_placement_(new)
-        for layer, tensors in enumerate(local_expert_weights(cfg, new, rank)):
-            for live, fresh in zip(model.expert_weights[layer], tensors):
-                live.copy_(fresh)
-        res["same_storage"] = ptrs == [t.data_ptr() for t in model.placement_tensors()] + \
-            [t.data_ptr() for layer in model.expert_weights for t in layer]
-        run_all(model, "rearranged")
-
-        # Every tensor of an expert matters: swap one tensor between two slots of rank 0 that hold
-        # different experts (all three tensors differ) and get tokens from rank 0, run, restore.
-        model = models["round_robin"]
-        xs, _ = per_rank(batches[0], ws, PATTERNS[ws])
-        layer, used = 0, res["loads"]["round_robin", 0][0, :nl]
-        if rank == 0:
-            loaded = [j for j in torch.argsort(used, descending=True, stable=True).tolist() if used[j] > 0]
-            i = loaded[0]
-            j = next(j for j in loaded[1:] if all(not torch.equal(w[i], w[j]) for w in model.expert_weights[layer]))
-        res["corrupted"] = {}
-        for t in range(3):
-            tensor = model.expert_weights[layer][t]
-            if rank == 0:
-                saved = tensor.clone()
-                tensor[[i, j]] = tensor[[j, i]].clone()
-            res["corrupted"][t] = model.forward(xs[rank])
-            if rank == 0:
-                tensor.copy_(saved)
-        res["restored"] = model.forward(xs[rank])
-
-        # A bad input on one rank fails on every rank instead of hanging the others.
-        bad = torch.zeros((3, cfg.hidden + 1)) if rank == ws - 1 else xs[rank]
-        try:
-            model.forward(bad)
-            res["bad_input"] = None
-        except InvalidArgumentError as exc:
-            res["bad_input"] = str(exc)
-        res["after_bad_input"] = model.forward(xs[rank])
+        pair = dist.new_group([0, 1], backend="gloo")  # collective: every process calls it
+        res = {world: _checks(rank, world, dist.group.WORLD, batches)}
+        if rank < 2:
+            res[2] = _checks(rank, 2, pair, batches)
         torch.save(res, pathlib.Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -212,13 +224,18 @@ def expected_loads(cfg: RefMoEConfig, phy2log: torch.Tensor, routing: torch.Tens
     return out
 
 
-@pytest.fixture(scope="module", params=[2, 4])
-def ranks_run(request, reference, tmp_path_factory):
-    ws = request.param
+@pytest.fixture(scope="module")
+def all_runs(reference, tmp_path_factory) -> dict[int, list[dict]]:
     batches, _ = reference
-    out = tmp_path_factory.mktemp(f"refmodel{ws}")
-    mp.spawn(_worker, args=(ws, free_port(), batches, str(out)), nprocs=ws, join=True)
-    return ws, [torch.load(out / f"rank{r}.pt") for r in range(ws)]
+    out = tmp_path_factory.mktemp("refmodel")
+    mp.spawn(_worker, args=(4, free_port(), batches, str(out)), nprocs=4, join=True)
+    saved = [torch.load(out / f"rank{r}.pt") for r in range(4)]
+    return {4: [saved[r][4] for r in range(4)], 2: [saved[r][2] for r in range(2)]}
+
+
+@pytest.fixture(params=[2, 4])
+def ranks_run(request, all_runs):
+    return request.param, all_runs[request.param]
 
 
 # -------------------------------------------------------------------- distributed checks
