@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 SHARED ?= ../shared
 TRACE  := $(SHARED)/data/gpt_oss_20b/gptoss20b_decode_routing_tokens.npz
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo replay test bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/eplbd demo --trace $(TRACE)
+
+replay: $(STAMP)
 	$(BIN)/eplbd replay $(TRACE) --num-gpus 8 --num-redundant 8 --window-size 200 --step-interval 200 --policy default
 
 test: $(STAMP)
@@ -24,6 +27,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_policy.py
+	$(BIN)/python benchmarks/bench_reporter.py
+	$(BIN)/python benchmarks/bench_rearrange.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

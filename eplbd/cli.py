@@ -134,6 +134,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                                    "the model's output never changes.")
     p.add_argument("--ranks", type=int, default=4, help="EP ranks (worker processes)")
     p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--layers", type=int, default=8, help="MoE layers (the trace's first ones; GPT-OSS-20B has 24)")
     p.add_argument("--communicator", default="auto", choices=["auto", "torch_gloo", "nixl"])
     p.add_argument("--blocking", action="store_true", help="blocking rearrangement (vLLM's sync EPLB) as a baseline")
     p.add_argument("--routing", default="trace", choices=["trace", "router"],
@@ -147,7 +148,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from eplbd.demo import main_from_args
 
-    setup_logging("warning", False)
+    setup_logging("WARNING", False)
     return main_from_args(args)
 
 

@@ -41,7 +41,7 @@ class DemoConfig:
     steps: int = 600
     communicator: str = "auto"
     use_async: bool = True
-    layers: int = 24
+    layers: int = 8  # the first 8 of GPT-OSS-20B's 24 MoE layers: keeps the demo to well under a minute
     num_logical: int = 32
     top_k: int = 4
     num_redundant: int = 8
@@ -334,7 +334,7 @@ def print_summary(s: dict, out=sys.stdout) -> None:
 
 
 def main_from_args(args: Any) -> int:
-    cfg = DemoConfig(ranks=args.ranks, steps=args.steps, communicator=args.communicator,
+    cfg = DemoConfig(ranks=args.ranks, steps=args.steps, layers=args.layers, communicator=args.communicator,
                      use_async=not args.blocking, trace=args.trace, routing=args.routing,
                      check_weights=args.check_weights)
     progress = None if args.json else (lambda line: print(line, flush=True))
