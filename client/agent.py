@@ -287,6 +287,9 @@ class PlacementAgent:
                     t[j].copy_(s[j])
             self.phy2log[layer].copy_(a.rows[layer])
             self._derive(layer)
+            model_p2l = getattr(self.model, "phy2log", None)  # an engine that keeps its own copy
+            if isinstance(model_p2l, torch.Tensor) and model_p2l.shape == self.phy2log.shape:
+                model_p2l[layer].copy_(self.phy2log[layer])
             self._free.append(buf)
             self.stats.slots_changed += len(sched.changed[self.rank])
             done.append(layer)
