@@ -54,6 +54,24 @@ def _expert_shapes(args):
     return [(2 * h, h), (h, h), (h,)]
 
 
+def _best_times(args, group, run) -> dict:
+    """Best of ``args.repeat`` wall times of ``run(layers)`` for one layer and for the whole model,
+    between barriers, so the slowest rank's time counts."""
+    import torch.distributed as dist
+
+    timings = {}
+    for label, layers in (("one_layer", [0]), ("model", range(args.layers))):
+        best = float("inf")
+        for _ in range(args.repeat):
+            dist.barrier(group)
+            t0 = time.perf_counter()
+            run(layers)
+            dist.barrier(group)
+            best = min(best, time.perf_counter() - t0)
+        timings[label] = best
+    return timings
+
+
 def _transfer_worker(rank, args, port, q):
     import torch
     import torch.distributed as dist
@@ -86,22 +104,9 @@ def _transfer_worker(rank, args, port, q):
                     for b in scheds[i].for_rank(rank):
                         if b:
                             comm.run_batch(i % 2, b)
-                    for c in scheds[i].local[rank]:
-                        src = staging[i % 2] if c.from_staging else live[i]
-                        for s, d in zip(src, staging[i % 2]):
-                            d[c.dst_local].copy_(s[c.src_local])
+                    scheds[i].copy_local(rank, live[i], staging[i % 2])
 
-            timings = {}
-            for label, layers in (("one_layer", [0]), ("model", range(args.layers))):
-                best = float("inf")
-                for _ in range(args.repeat):
-                    dist.barrier(group)
-                    t0 = time.perf_counter()
-                    stage(layers)
-                    dist.barrier(group)
-                    best = min(best, time.perf_counter() - t0)
-                timings[label] = best
-            results[name] = timings
+            results[name] = _best_times(args, group, stage)
             dist.barrier(group)
             comm.close()
         # Bare gloo: per layer and batch, one flat send/recv per peer with the same byte count.
@@ -124,17 +129,7 @@ def _transfer_worker(rank, args, port, q):
                     for w in works:
                         w.wait()
 
-        timings = {}
-        for label, layers in (("one_layer", [0]), ("model", range(args.layers))):
-            best = float("inf")
-            for _ in range(args.repeat):
-                dist.barrier(group)
-                t0 = time.perf_counter()
-                bare(layers)
-                dist.barrier(group)
-                best = min(best, time.perf_counter() - t0)
-            timings[label] = best
-        results["bare_gloo"] = timings
+        results["bare_gloo"] = _best_times(args, group, bare)
         if "nixl" in comms:
             results["bare_nixl"] = _bare_nixl(rank, args, group, scheds, expert_bytes, nl)
         moved = {"one_layer": sum(1 for t in scheds[0].transfers) * expert_bytes,
@@ -150,7 +145,6 @@ def _bare_nixl(rank, args, group, scheds, expert_bytes, nl):
     """The same bytes as one flat NIXL read per (peer, batch), through the communicator's own
     memory registration: a layer of one big 'expert' per peer."""
     import torch
-    import torch.distributed as dist
 
     from eplbd.client.comm.base import Transfer
     from eplbd.client.comm.nixl import NixlCommunicator
@@ -159,26 +153,20 @@ def _bare_nixl(rank, args, group, scheds, expert_bytes, nl):
     stage = [[torch.empty_like(big[0][0])]]
     comm = NixlCommunicator(rank, args.ranks, group)
     comm.setup(big, stage)
-    timings = {}
-    for label, layers in (("one_layer", [0]), ("model", range(args.layers))):
-        best = float("inf")
-        for _ in range(args.repeat):
-            dist.barrier(group)
-            t0 = time.perf_counter()
-            for i in layers:
-                for b in scheds[i].for_rank(rank):
-                    pairs = sorted({(t.src_rank, t.dst_rank) for t in b})
-                    # One slot-sized read per expert is what the communicator does; here one read per
-                    # expert-count of the pair into slot 0, i.e. the same bytes in the fewest requests.
-                    flat = [Transfer(0, 0, s, 0, d, 0) for s, d in pairs
-                            for _ in range(1)]
-                    if flat:
-                        n = {p: sum(1 for t in b if (t.src_rank, t.dst_rank) == p) for p in pairs}
-                        for _ in range(max(n.values())):
-                            comm.run_batch(0, flat)
-            dist.barrier(group)
-            best = min(best, time.perf_counter() - t0)
-        timings[label] = best
+    def bare(layers):
+        for i in layers:
+            for b in scheds[i].for_rank(rank):
+                pairs = sorted({(t.src_rank, t.dst_rank) for t in b})
+                if not pairs:
+                    continue
+                # The communicator reads slot by slot; here every pair reads one big slot per expert
+                # it moves: the same bytes in the fewest requests.
+                flat = [Transfer(0, 0, s, 0, d, 0) for s, d in pairs]
+                n = {p: sum(1 for t in b if (t.src_rank, t.dst_rank) == p) for p in pairs}
+                for _ in range(max(n.values())):
+                    comm.run_batch(0, flat)
+
+    timings = _best_times(args, group, bare)
     comm.close()
     return timings
 

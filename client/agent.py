@@ -109,7 +109,6 @@ class _Active:
         self.applied = 0
         self.failed = ""  # a transfer failed here: no more grants for this plan, anywhere
         self.aborted = False  # the daemon aborted it (nothing kept): dropped once granted staging is done
-        self.received_at = time.monotonic()
 
     @property
     def permitted_prefix(self) -> int:
@@ -217,7 +216,6 @@ class PlacementAgent:
         self._step = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"eplbd-agent-r{rank}", daemon=True)
-        self.on_event: Callable[[str, dict], None] | None = None  # optional observer (demo progress)
 
     # -- engine thread ----------------------------------------------------------------------
     def start(self) -> "PlacementAgent":
@@ -272,8 +270,6 @@ class PlacementAgent:
                 a.granted += grant
             else:
                 grant = 0
-        if done:
-            self._emit("applied", plan_id=a.plan.plan_id, layers=done, step=step)
         return len(done), grant
 
     def _apply(self, a: _Active, n: int) -> list[int]:
@@ -436,7 +432,6 @@ class PlacementAgent:
             log.warning("refusing plan %d: %s", plan.plan_id, reason)
             self.link.abort(plan.plan_id, plan.epoch, reason)
             return
-        self._emit("plan", plan_id=plan.plan_id, layers=len(plan.layers))
 
     def _on_abort(self, msg: Abort) -> None:
         with self._lock:
@@ -459,7 +454,6 @@ class PlacementAgent:
                 a.aborted = True
                 self._release_unneeded(a)
         log.warning("rank %d: plan %d aborted: %s", self.rank, msg.plan_id, msg.reason)
-        self._emit("aborted", plan_id=msg.plan_id, reason=msg.reason)
 
     def _release_unneeded(self, a: _Active) -> None:
         """Under the lock: once no granted staging is pending, free buffers of layers that will not be
@@ -524,19 +518,11 @@ class PlacementAgent:
             if first:
                 self._outbox.append(lambda: self.link.abort(a.plan.plan_id, a.plan.epoch, error))
             return False
-        live, staging = self.model.expert_weights[layer], self.staging[buf]
-        for c in sched.local[self.rank]:
-            src = staging if c.from_staging else live
-            for s, d in zip(src, staging):
-                d[c.dst_local].copy_(s[c.src_local])
+        sched.copy_local(self.rank, self.model.expert_weights[layer], self.staging[buf])
         self.stats.stage_s.append(time.perf_counter() - t0)
         self.stats.bytes_received += self.comm.bytes_received - before
         self.stats.experts_received += sum(1 for b in sched.batches for t in b if t.dst_rank == self.rank)
         return True
-
-    def _emit(self, kind: str, **info: Any) -> None:
-        if self.on_event is not None:
-            self.on_event(kind, info)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:

@@ -20,6 +20,7 @@ Pairs with the most experts go first; each batch is a greedy maximal matching.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -58,6 +59,14 @@ class LayerSchedule:
         """The batches with only the transfers ``rank`` takes part in (empty batches kept, so
         every rank walks the same batch sequence)."""
         return [[t for t in b if rank in (t.src_rank, t.dst_rank)] for b in self.batches]
+
+    def copy_local(self, rank: int, live: Sequence[torch.Tensor], staging: Sequence[torch.Tensor]) -> None:
+        """Do ``rank``'s local copies into its staging layer (after its remote receives): every tensor
+        of the expert, from the live layer or, for a second replica, from the staging layer itself."""
+        for c in self.local[rank]:
+            src = staging if c.from_staging else live
+            for s, d in zip(src, staging):
+                d[c.dst_local].copy_(s[c.src_local])
 
     @property
     def transfers(self) -> list[Transfer]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing as mp
-import os
 import pathlib
 import queue
 import socket
@@ -200,11 +199,12 @@ def aggregate_balancedness(loads: np.ndarray, num_ranks: int) -> float:
     ``loads [steps, layers, num_physical]``: per-rank sums are placement-independent, so steps
     recorded under different placements add up correctly.
     """
+    from eplbd.policy.balance import layer_balancedness, rank_loads, summarize
+
     if loads.shape[0] == 0:
         return float("nan")
-    per_rank = loads.reshape(loads.shape[0], loads.shape[1], num_ranks, -1).sum(axis=(0, 3), dtype=np.int64)
-    mx = per_rank.max(axis=1).sum()
-    return float(per_rank.mean(axis=1).sum() / mx) if mx else 1.0
+    per_rank = rank_loads(loads.sum(axis=0, dtype=np.int64), num_ranks)
+    return summarize(layer_balancedness(per_rank), per_rank).aggregate
 
 
 def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> dict:

@@ -70,7 +70,6 @@ as much CPU as the model itself (~14 ms per rank-step alone, ~22 ms when 4 ranks
 from __future__ import annotations
 
 import functools
-import json
 import math
 import pathlib
 from dataclasses import dataclass
@@ -83,6 +82,7 @@ import torch.nn.functional as F
 
 from eplbd.errors import InvalidArgumentError, PlacementError, TraceError
 from eplbd.policy.placement import derive_log2phy, validate_placement
+from eplbd.trace import read_routing_file
 
 __all__ = [
     "RefMoEConfig",
@@ -730,18 +730,7 @@ class TraceRouting:
                   order: str = "shuffle", drop_repetitive: bool = True) -> "TraceRouting":
         """Read a routing ``.npz``; ``drop_repetitive`` skips requests marked ``has_repetition`` in the
         sibling ``*_requests.json`` when it exists."""
-        p = pathlib.Path(path)
-        try:
-            with open(p, "rb") as fh, np.load(fh, allow_pickle=False) as data:
-                experts, offsets = data["experts"], data["request_offsets"]
-        except Exception as exc:
-            raise TraceError(f"cannot read routing file {str(p)!r}: {type(exc).__name__}: {exc}") from None
-        requests = None
-        meta = p.with_name(p.name.replace("_tokens.npz", "_requests.json"))
-        if drop_repetitive and meta != p and meta.is_file():
-            info = json.loads(meta.read_text())
-            if len(info) == offsets.size - 1:
-                requests = np.flatnonzero([not r.get("has_repetition", False) for r in info])
+        experts, offsets, requests = read_routing_file(path, drop_repetitive=drop_repetitive)
         return cls(experts, offsets, ep_size=ep_size, tokens_per_rank=tokens_per_rank, num_layers=num_layers,
                    num_logical=num_logical, seed=seed, order=order, requests=requests)
 

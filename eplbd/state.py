@@ -14,10 +14,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
-from eplbd.errors import (EplbdError, InvalidArgumentError, NotFoundError, NotReadyError,
+from eplbd.errors import (InvalidArgumentError, NotFoundError, NotReadyError,
                           NotRegisteredError, PlanConflictError, RegistrationMismatchError)
 from eplbd.plans import PersistedState, PlanRecord, load_state, read_placement_file, save_state
 from eplbd.policy import (get_policy, moved_slots, observed_balancedness, predicted_balancedness, rank_loads,

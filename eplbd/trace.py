@@ -166,11 +166,36 @@ def routing_to_load(experts: np.ndarray, request_offsets: np.ndarray, *, batch: 
         if order.size else np.zeros(0, np.int64)
     tok_step = np.repeat(starts, lengths) + (np.arange(tok_idx.size) - np.repeat(np.cumsum(lengths) - lengths, lengths))
     num_steps = int(tok_step.max()) + 1 if tok_step.size else 0
-    layers, top_k = experts.shape[1], experts.shape[2]
+    layers = experts.shape[1]
     ids = ((tok_step[:, None, None] * layers + np.arange(layers)[None, :, None]) * ne
            + experts[tok_idx].astype(np.int64))
     counts = np.bincount(ids.ravel(), minlength=num_steps * layers * ne)
     return counts.reshape(num_steps, layers, ne).astype(np.int64)
+
+
+def read_routing_file(path: str | pathlib.Path, *, drop_repetitive: bool = True
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read a token-routing ``.npz`` (GPT-OSS format, see shared/data/README.md).
+
+    Returns:
+        ``(experts [tokens, layers, top_k], request_offsets [requests + 1], requests)``, where
+        ``requests`` are the indices of the requests to use: all of them, minus those marked
+        ``has_repetition`` in the sibling ``*_requests.json`` (they loop on repeated text) when
+        ``drop_repetitive`` and that file exists.
+    """
+    p = pathlib.Path(path)
+    try:
+        with open(p, "rb") as fh, np.load(fh, allow_pickle=False) as data:
+            experts, offsets = data["experts"], data["request_offsets"]
+    except Exception as exc:
+        raise TraceError(f"cannot read routing file {str(p)!r}: {type(exc).__name__}: {exc}") from None
+    keep = np.arange(offsets.size - 1)
+    meta_path = p.with_name(p.name.replace("_tokens.npz", "_requests.json"))
+    if drop_repetitive and meta_path != p and meta_path.is_file():
+        info = json.loads(meta_path.read_text())
+        if len(info) == keep.size:
+            keep = keep[np.array([not r.get("has_repetition", False) for r in info], bool)]
+    return experts, offsets, keep
 
 
 def convert_routing_file(path: str | pathlib.Path, *, batch: int = 64, order: str = "shuffle",
@@ -187,21 +212,8 @@ def convert_routing_file(path: str | pathlib.Path, *, batch: int = 64, order: st
             ``*_requests.json`` (they loop on repeated text), if that file exists.
     """
     p = pathlib.Path(path)
-    try:
-        with open(p, "rb") as fh, np.load(fh, allow_pickle=False) as data:
-            experts, offsets = data["experts"], data["request_offsets"]
-    except Exception as exc:
-        raise TraceError(f"cannot read routing file {str(p)!r}: {type(exc).__name__}: {exc}") from None
-    n_req = offsets.size - 1
-    keep = np.arange(n_req)
-    meta_path = p.with_name(p.name.replace("_tokens.npz", "_requests.json"))
-    dropped = 0
-    if drop_repetitive and meta_path != p and meta_path.is_file():
-        info = json.loads(meta_path.read_text())
-        if len(info) == n_req:
-            mask = np.array([not r.get("has_repetition", False) for r in info])
-            dropped = int((~mask).sum())
-            keep = keep[mask]
+    experts, offsets, keep = read_routing_file(p, drop_repetitive=drop_repetitive)
+    dropped = offsets.size - 1 - keep.size
     if order == "shuffle":
         keep = np.random.default_rng(seed).permutation(keep)
     elif order != "file":
