@@ -7,7 +7,9 @@ forward pass. Everything slow happens elsewhere:
   registers (and re-registers after a daemon restart), heartbeats, receives plans,
   computes each layer's transfer schedule (``eplbd.client.schedule``), stages incoming
   experts into a bounded pool of staging layers through a communicator
-  (``eplbd.client.comm``), and tells the daemon which layers are staged;
+  (``eplbd.client.comm``), and tells the daemon which layers are staged; on CUDA this
+  staging runs on a side stream ordered against the forward stream by events
+  (``eplbd.client.streams``), so it overlaps the forward pass;
 - ``after_step`` hands the step's load to the ``LoadReporter`` (non-blocking) and, every
   ``commit_interval_steps`` steps, runs the in-band commit: one tiny all-reduce (MIN)
   over the EP group of ``(plan id, layers staged here and permitted by the daemon)``.
@@ -43,6 +45,7 @@ import torch.distributed as dist
 from eplbd.client.comm.base import Communicator
 from eplbd.client.reporter import LoadReporter
 from eplbd.client.schedule import LayerSchedule, plan_schedules
+from eplbd.client.streams import StagingStream
 from eplbd.client.worker import WorkerLink
 from eplbd.errors import EplbdError, InvalidArgumentError, NotRegisteredError, UnavailableError
 from eplbd.proto import Abort, Commit, Plan
@@ -106,6 +109,7 @@ class _Active:
         self.staged = 0  # prefix of self.layers staged successfully here
         self.permitted: set[int] = set()
         self.buffers: dict[int, int] = {}  # layer index -> staging buffer
+        self.events: dict[int, Any] = {}  # layer index -> CUDA event of its staging (GPU only)
         self.applied = 0
         self.failed = ""  # a transfer failed here: no more grants for this plan, anywhere
         self.aborted = False  # the daemon aborted it (nothing kept): dropped once granted staging is done
@@ -198,6 +202,7 @@ class PlacementAgent:
         nbuf = min(nbuf, L)
         self.staging = [[torch.empty_like(t) for t in live[0]] for _ in range(nbuf)]
         self._free = list(range(nbuf))
+        self._streams = StagingStream(device)
         self._xfer_group = dist.new_group(backend="gloo")
         self._ctl_group = dist.new_group(backend="gloo")
         self.comm = make_communicator(communicator, rank, ep_size, self._xfer_group)
@@ -278,6 +283,7 @@ class PlacementAgent:
         done = []
         for i in range(a.applied, n):
             layer, buf, sched = a.layers[i], a.buffers.pop(i), a.schedules[i]
+            self._streams.before_apply(a.events.pop(i, None))
             for j in sched.changed[self.rank]:
                 for t, s in zip(live[layer], self.staging[buf]):
                     t[j].copy_(s[j])
@@ -289,6 +295,7 @@ class PlacementAgent:
             self._free.append(buf)
             self.stats.slots_changed += len(sched.changed[self.rank])
             done.append(layer)
+        self._streams.after_apply()
         a.applied = n
         self.stats.layers_applied += len(done)
         return done
@@ -482,11 +489,14 @@ class PlacementAgent:
                     self._release_unneeded(a)
                     return
                 i, buf = a.started, self._free.pop()
-            ok = self._stage_layer(a, i, buf)
+            with self._streams.staging():
+                ok = self._stage_layer(a, i, buf)
+                event = self._streams.staged()
             with self._lock:
                 a.started = i + 1
                 if ok and not a.failed and a.staged == i:
                     a.buffers[i] = buf
+                    a.events[i] = event
                     a.staged = i + 1
                     layer = a.layers[i] if i < len(a.layers) else -1
                 else:
