@@ -12,7 +12,7 @@ import pathlib
 import sys
 import time
 
-from eplbd.errors import EplbdError
+from eplbd.errors import EplbdError, InvalidArgumentError
 
 
 def _add_replay(sub: argparse._SubParsersAction) -> None:
@@ -125,6 +125,59 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_convert_files(sub: argparse._SubParsersAction) -> None:
+    for kind, what in (("placement", "a placement (ours: JSON {\"phy2log\": ...}; SGLang: .json/.pt with "
+                                     "physical_to_logical_map)"),
+                       ("load", "a load trace (ours: .npz; SGLang: .json/.pt with logical_count)")):
+        p = sub.add_parser(f"convert-{kind}", allow_abbrev=False, help=f"convert {what}",
+                           description=f"Read {what} in either format and write it in the one --format names "
+                                       "(auto: .pt -> sglang, .npz -> eplbd, .json -> "
+                                       f"{'eplbd' if kind == 'placement' else 'sglang'}).")
+        p.add_argument("input", help="file to read (format told by its keys)")
+        p.add_argument("-o", "--output", required=True, help="file to write")
+        p.add_argument("--format", default="auto", choices=["auto", "eplbd", "sglang"])
+        p.set_defaults(func=_cmd_convert_placement if kind == "placement" else _cmd_convert_load)
+
+
+def _out_format(fmt: str, output: str, ours: str, json_default: str) -> str:
+    """The format to write: ``fmt``, or from the suffix; refuses a suffix the format cannot have."""
+    suffix = pathlib.Path(output).suffix
+    if fmt == "auto":
+        fmt = {".pt": "sglang", ".npz": "eplbd", ".json": json_default}.get(suffix, "")
+        if not fmt:
+            raise InvalidArgumentError(f"cannot tell the format of {output!r} from its suffix; pass --format")
+    allowed = (".pt", ".json") if fmt == "sglang" else (ours,)
+    if suffix not in allowed:
+        raise InvalidArgumentError(f"--format {fmt} writes {' or '.join(allowed)} files, not {output!r}")
+    return fmt
+
+
+def _cmd_convert_placement(args: argparse.Namespace) -> int:
+    from eplbd.integrations.sglang import write_placement
+    from eplbd.plans import read_placement_file, write_placement_file
+
+    phy2log = read_placement_file(args.input)
+    fmt = _out_format(args.format, args.output, ".json", "eplbd")
+    (write_placement if fmt == "sglang" else write_placement_file)(args.output, phy2log)
+    print(f"wrote {args.output}: {fmt} placement, {phy2log.shape[0]} layers x {phy2log.shape[1]} slots")
+    return 0
+
+
+def _cmd_convert_load(args: argparse.Namespace) -> int:
+    from eplbd.integrations.sglang import write_load
+    from eplbd.trace import save_trace
+
+    trace = _load_any_trace(args.input, 64, "shuffle", True)
+    fmt = _out_format(args.format, args.output, ".npz", "sglang")
+    if fmt == "sglang":
+        write_load(args.output, trace.load)
+    else:
+        save_trace(args.output, trace.load, steps=trace.steps, meta=trace.meta)
+    print(f"wrote {args.output}: {fmt} load, {trace.load.shape[0]} steps x {trace.num_layers} layers x "
+          f"{trace.num_logical} experts")
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     from eplbd.demo import DEFAULT_TRACE
 
@@ -201,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_replay(sub)
     _add_convert(sub)
+    _add_convert_files(sub)
     _add_demo(sub)
     return parser
 

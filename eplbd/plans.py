@@ -17,6 +17,7 @@ import os
 import pathlib
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -124,29 +125,42 @@ def load_state(state_dir: str | os.PathLike) -> PersistedState | None:
 
 
 def read_placement_file(path: str | os.PathLike) -> torch.Tensor:
-    """Read a placement JSON file: ``{"phy2log": [[...], ...]}`` or a bare list of rows.
+    """Read a placement file; returns ``[layers, num_physical]`` int64 (not yet validated against a topology).
 
-    SGLang's ``{"physical_to_logical_map": ...}`` key is accepted too.
-    Returns ``[layers, num_physical]`` int64 (not yet validated against a topology).
+    Accepted, told apart by their keys: our JSON (``{"phy2log": [[...], ...]}``, which is also what
+    ``eplbctl placement --json`` prints, or a bare list of rows) and SGLang's
+    ``{"physical_to_logical_map": ...}`` as ``.json`` or ``.pt`` (``eplbd.integrations.sglang``).
+
+    Raises:
+        PlacementError: naming the file and what is wrong (an SGLang ``logical_count`` file is a
+            load, not a placement, and is pointed at ``eplbd replay``).
     """
-    p = pathlib.Path(path)
-    try:
-        doc = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise PlacementError(f"placement file {str(p)!r} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise PlacementError(f"placement file {str(p)!r} is not valid JSON: {exc}") from None
+    from eplbd.integrations import sglang
+
+    where = f"placement file {str(path)!r}"
+    doc = sglang.read_document(path, PlacementError, "placement")
+    key = "phy2log"
     if isinstance(doc, dict):
-        for key in ("phy2log", "physical_to_logical_map"):
-            if key in doc:
-                doc = doc[key]
-                break
-        else:
-            raise PlacementError(f"placement file {str(p)!r} has no 'phy2log' key (keys: {sorted(doc)})")
-    try:
-        t = torch.tensor(doc, dtype=torch.int64)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise PlacementError(f"placement file {str(p)!r}: phy2log is not a rectangular integer array ({exc})") from None
-    if t.ndim != 2:
-        raise PlacementError(f"placement file {str(p)!r}: phy2log must be [layers, num_physical], got shape {list(t.shape)}")
-    return t
+        key = next((k for k in ("phy2log", sglang.PLACEMENT_KEY) if k in doc), "")
+        if not key and sglang.LOAD_KEY in doc:
+            raise PlacementError(f"{where} holds a load ({sglang.LOAD_KEY!r}), not a placement; replay it "
+                                 "with `eplbd replay` or convert it with `eplbd convert-load`")
+        if not key:
+            raise PlacementError(f"{where} has no 'phy2log' or {sglang.PLACEMENT_KEY!r} key "
+                                 f"(keys: {sorted(map(str, doc))})")
+        doc = doc[key]
+    return sglang.placement_tensor(doc, where, key)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[pathlib.Path], None]) -> None:
+    """Write ``path`` by ``write(tmp)`` on a sibling temp file, then rename: no reader sees half a file."""
+    p = pathlib.Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, p)
+
+
+def write_placement_file(path: str | os.PathLike, phy2log: torch.Tensor) -> None:
+    """Write ``phy2log [layers, num_physical]`` as our placement JSON (``{"phy2log": [[...], ...]}``)."""
+    doc = json.dumps({"phy2log": phy2log.to(torch.int64).tolist()})
+    write_atomic(path, lambda tmp: tmp.write_text(doc))

@@ -9,6 +9,9 @@ Trace format (``.npz``):
 - ``meta``: a 0-d string array holding a JSON object (source, how it was made).
   Optional.
 
+``load_trace`` also reads SGLang's load files (``.pt`` / ``.json`` with ``logical_count``, as its
+expert distribution recorder dumps them; see ``eplbd.integrations.sglang``).
+
 The converter turns per-token routing (``experts [tokens, layers, top_k]`` with
 ``request_offsets``, like the GPT-OSS-20B file in ``shared/data``) into such a
 trace by simulating continuous batching: ``batch`` requests in flight, each
@@ -76,10 +79,16 @@ def save_trace(path: str | pathlib.Path, load: np.ndarray, *, steps: np.ndarray 
 
 
 def load_trace(path: str | pathlib.Path) -> Trace:
-    """Read a trace file; raises TraceError naming the file and what is wrong."""
+    """Read a trace file (or an SGLang ``logical_count`` ``.pt``/``.json``); raises TraceError naming the
+    file and what is wrong."""
     p = pathlib.Path(path)
     if not p.is_file():
         raise TraceError(f"trace file {str(p)!r} does not exist")
+    if p.suffix in (".pt", ".json"):
+        from eplbd.integrations.sglang import read_load
+
+        load = read_load(p)
+        return Trace(load, np.arange(load.shape[0], dtype=np.int64), {"source": str(p), "format": "sglang"})
     try:
         # Open the file ourselves: np.load leaks its handle when the zip is corrupt.
         with open(p, "rb") as fh, np.load(fh, allow_pickle=False) as data:
