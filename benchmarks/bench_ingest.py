@@ -30,38 +30,18 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import pathlib
 import platform
-import select
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-LAYERS, LOGICAL, PHYSICAL, RANKS = 58, 256, 320, 64
-TOKENS_PER_RANK_STEP = 2048  # e.g. 256 decode tokens x top-8 routing
+from daemon_bench import (LAYERS, LOGICAL, TOKENS_PER_RANK_STEP, Children, SendCounter, child_get, pcts,
+                          proc_cpu_s, proc_rss_gb, reconcile, spread_over_replicas, start_daemon)
+
+PHYSICAL, RANKS = 320, 64
 VARIANTS = 4  # pre-generated load tensors cycled by the senders (no RNG in the hot loop)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-# -- /proc helpers ------------------------------------------------------------------------
-def proc_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
-
-
-def proc_rss_gb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024 ** 2
-    except OSError:
-        pass
-    return 0.0
 
 
 # -- load tensors ---------------------------------------------------------------------------
@@ -83,11 +63,7 @@ def make_loads(batch: int, seed: int = 0):
             p = ranks ** -1.1
             p = rng.permutation(p / p.sum())
             logical[:, layer] = rng.multinomial(TOKENS_PER_RANK_STEP, p, size=batch)
-        nrep = np.stack([np.bincount(phy2log[layer], minlength=LOGICAL) for layer in range(LAYERS)])
-        idx = np.broadcast_to(phy2log, (batch, LAYERS, PHYSICAL))
-        phys = np.take_along_axis(logical, idx, axis=2) // np.take_along_axis(
-            np.broadcast_to(nrep, (batch, LAYERS, LOGICAL)), idx, axis=2)
-        out.append(torch.from_numpy(np.ascontiguousarray(phys.astype(np.int32))))
+        out.append(torch.from_numpy(spread_over_replicas(logical, phy2log)))
     return phy2log, out
 
 
@@ -130,9 +106,8 @@ def sender_main(mode: str, rpc: str, ingest: str, cfg: dict, result_q, go, pause
         result_q.put(("ready", {"msg_bytes": msg_bytes, "pid": os.getpid()}))
         go.wait()
 
-        attempts = ok = dropped = paused_s = 0.0
-        attempts = ok = dropped = 0
-        since_ok = [0] * n  # local drops after each rank's last successful send
+        paused_s = 0.0
+        counter = SendCounter(range(n))
         it = 0
         cpu0 = time.process_time()
         t0 = time.monotonic()
@@ -162,17 +137,10 @@ def sender_main(mode: str, rpc: str, ingest: str, cfg: dict, result_q, go, pause
                         sent = True
                     except zmq.Again:
                         sent = False
-                attempts += 1
-                if sent:
-                    ok += 1
-                    since_ok[r] = 0
-                else:
-                    dropped += 1
-                    since_ok[r] += 1
+                counter.record(r, sent)
             it += 1
         t1 = time.monotonic()
-        res = {"attempts": attempts, "sent_ok": ok, "local_dropped": dropped, "trailing_local_dropped": sum(since_ok),
-               "iterations": it, "t_go": t0, "t_end": t1, "cpu_s": time.process_time() - cpu0,
+        res = {**counter.as_dict(), "iterations": it, "t_go": t0, "t_end": t1, "cpu_s": time.process_time() - cpu0,
                "paused_s": paused_s, "msg_bytes": msg_bytes}
         if links:  # cross-check against WorkerLink's own counters
             res["link_reports_sent"] = sum(x.reports_sent for x in links)
@@ -221,47 +189,6 @@ def receiver_main(result_q, count, bytes_, t_last, exit_ev, max_frame_bytes: int
 
 
 # -- phases ----------------------------------------------------------------------------
-def _get(q, want: str, timeout: float):
-    kind, payload = q.get(timeout=timeout)
-    if kind == "error":
-        raise RuntimeError(payload)
-    if kind != want:
-        raise RuntimeError(f"expected {want!r} from child, got {kind!r}")
-    return payload
-
-
-def _pcts(xs: list[float]) -> dict:
-    if not xs:
-        return {"count": 0}
-    s = sorted(xs)
-    q = lambda f: s[min(len(s) - 1, int(f * len(s)))]  # noqa: E731
-    return {"count": len(s), "p50_ms": q(0.50) * 1e3, "p99_ms": q(0.99) * 1e3, "max_ms": s[-1] * 1e3}
-
-
-class Children:
-    """Every child this script starts, ended in ``close`` whatever happened."""
-
-    def __init__(self) -> None:
-        self.procs: list = []
-
-    def add(self, p):
-        self.procs.append(p)
-        return p
-
-    def close(self) -> None:
-        for p in self.procs:
-            if isinstance(p, subprocess.Popen):
-                if p.poll() is None:
-                    p.kill()
-                    p.wait(5)
-            elif p.is_alive():
-                p.terminate()
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
-
-
 def run_bare(args, mpctx, kids: Children) -> dict:
     q = mpctx.Queue()
     count, nbytes, t_last = mpctx.Value("q", 0, lock=False), mpctx.Value("q", 0, lock=False), \
@@ -270,13 +197,13 @@ def run_bare(args, mpctx, kids: Children) -> dict:
     recv = kids.add(mpctx.Process(target=receiver_main, args=(q, count, nbytes, t_last, r_exit, 64 << 20),
                                   daemon=True))
     recv.start()
-    rinfo = _get(q, "ready", 30)
+    rinfo = child_get(q, "ready", 30)
     sq = mpctx.Queue()
     go, pause, stop, s_exit = mpctx.Event(), mpctx.Event(), mpctx.Event(), mpctx.Event()
     snd = kids.add(mpctx.Process(target=sender_main, args=("bare", "", rinfo["endpoint"], vars(args), sq, go, pause,
                                                            stop, s_exit), daemon=True))
     snd.start()
-    sinfo = _get(sq, "ready", 60)
+    sinfo = child_get(sq, "ready", 60)
     rcpu0, scpu0 = proc_cpu_s(rinfo["pid"]), proc_cpu_s(sinfo["pid"])
     t_go = time.monotonic()
     go.set()
@@ -285,7 +212,7 @@ def run_bare(args, mpctx, kids: Children) -> dict:
     import queue as _queue
     while res is None:
         try:
-            res = _get(sq, "done", 0.05)
+            res = child_get(sq, "done", 0.05)
         except _queue.Empty:
             pass
     valve.close()
@@ -335,36 +262,18 @@ class Valve:
         self.pause.clear()
 
 
-def start_daemon(kids: Children, log_path: str):
-    cmd = [sys.executable, "-m", "eplbd.cli", "serve", "--rpc", "tcp://127.0.0.1:0", "--ingest",
-           "tcp://127.0.0.1:0", "--metrics-port", "-1", "--step-interval", "1000000", "--window-size", "1000"]
-    log = open(log_path, "wb")
-    p = kids.add(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=log))
-    deadline = time.monotonic() + 30
-    line = b""
-    while time.monotonic() < deadline and p.poll() is None:
-        r, _, _ = select.select([p.stdout], [], [], 0.2)
-        if r:
-            line = p.stdout.readline()
-            if line.startswith(b"READY"):
-                break
-    if not line.startswith(b"READY"):
-        raise RuntimeError(f"daemon did not print READY (exit {p.poll()}); log: {log_path}")
-    kv = dict(tok.split("=", 1) for tok in line.decode().split()[1:])
-    return p, kv, cmd
-
-
 def run_daemon(args, mpctx, kids: Children, log_path: str) -> dict:
     from eplbd.client.rpc import EplbClient
     from eplbd.errors import EplbdError
 
-    proc, kv, cmd = start_daemon(kids, log_path)
+    proc, kv, cmd = start_daemon(kids, log_path, ["--metrics-port", "-1", "--step-interval", "1000000",
+                                                  "--window-size", "1000"])
     sq = mpctx.Queue()
     go, pause, stop, s_exit = mpctx.Event(), mpctx.Event(), mpctx.Event(), mpctx.Event()
     snd = kids.add(mpctx.Process(target=sender_main, args=("daemon", kv["rpc"], kv["ingest"], vars(args), sq, go,
                                                            pause, stop, s_exit), daemon=True))
     snd.start()
-    sinfo = _get(sq, "ready", 120)  # includes registering all 64 ranks
+    sinfo = child_get(sq, "ready", 120)  # includes registering all 64 ranks
     client = EplbClient(kv["rpc"], timeout=30)
     st0 = client.status()
     assert st0.ep_size == args.ranks and len(st0.workers) == args.ranks, (st0.ep_size, len(st0.workers))
@@ -434,14 +343,6 @@ def run_daemon(args, mpctx, kids: Children, log_path: str) -> dict:
     rejected = dropped - seq_gap - overflow  # received, then refused (with a reason)
     accepted = received - rejected
     elapsed = t_done - t_go
-    rec = {
-        "sent_ok == received": (res["sent_ok"], received),
-        "local_dropped - trailing == daemon seq_gap": (res["local_dropped"] - res["trailing_local_dropped"], seq_gap),
-        "attempts == received + seq_gap + trailing_local": (
-            res["attempts"], received + seq_gap + res["trailing_local_dropped"]),
-        "WorkerLink counters == sender counters": (
-            (res.get("link_reports_sent"), res.get("link_reports_dropped")), (res["sent_ok"], res["local_dropped"])),
-    }
     slope = None
     during = [s for s in samples if s[0] <= res["t_end"]]
     if len(during) >= 2 and during[-1][0] > during[0][0]:
@@ -449,7 +350,7 @@ def run_daemon(args, mpctx, kids: Children, log_path: str) -> dict:
     return {
         "cmd": " ".join(cmd[1:]), "exit_code": rc, "drained": drained, "sent": res, "received": received,
         "dropped": dropped, "drop_reasons": reasons, "rejected_after_receipt": rejected, "accepted": accepted,
-        "reconciliation": {k: {"lhs": a, "rhs": b, "ok": a == b} for k, (a, b) in rec.items()},
+        "reconciliation": reconcile(res, received, reasons),
         "elapsed_s": elapsed, "msgs_per_s": received / elapsed,
         "MB_per_s": received * res["msg_bytes"] / elapsed / 1e6,
         "steps_per_s": accepted / args.ranks * args.batch / elapsed,
@@ -457,7 +358,7 @@ def run_daemon(args, mpctx, kids: Children, log_path: str) -> dict:
         "steady_msgs_per_s_from_status": slope,
         "daemon_cpu_s": dcpu, "daemon_cpu_pct": 100 * dcpu / elapsed, "sender_cpu_s": scpu,
         "daemon_max_rss_gb": max_rss, "window_newest_step": st.step, "window_fill": st.window_fill,
-        "rpc": {k: _pcts(v) for k, v in lat.items()}, "rpc_errors": errors, "log": log_path,
+        "rpc": {k: pcts(v) for k, v in lat.items()}, "rpc_errors": errors, "log": log_path,
     }
 
 
