@@ -1,0 +1,303 @@
+"""vLLM adapter: a worker extension that hands vLLM's expert-parallel MoE model to eplbd.
+
+vLLM mixes the class named by ``--worker-extension-cls`` into its GPU ``Worker`` (it appends it to
+the worker class's bases and refuses names the worker already has, hence the ``eplbd_`` prefix),
+so the methods below run inside every worker process and see ``self.model_runner``,
+``self.vllm_config`` and ``self.rank``; the engine reaches them with ``collective_rpc``::
+
+    llm = LLM(model, enable_expert_parallel=True, enable_eplb=True, data_parallel_size=...,
+              worker_extension_cls="eplbd.integrations.vllm.EplbdWorkerExtension")
+    llm.collective_rpc("eplbd_start", kwargs={"rpc": "tcp://eplbd:7450", "ingest": "tcp://eplbd:7451"})
+    llm.collective_rpc("eplbd_stats")   # one dict per rank
+
+``eplbd_start`` builds a ``PlacementAgent`` over the model's ``MixtureOfExperts`` surface
+(``expert_weights``, ``num_*_experts``, ``set_eplb_state``): the agent hands the model its own
+placement tensors (``logical_to_physical_map``, ``logical_replica_count``) and load view, the
+MoE layers route through them and count tokens per slot into the view, and the agent streams
+that load to the daemon and applies its plans at agreed step boundaries.
+
+**Why vLLM's EPLB must be enabled, and how it is kept off.** In vLLM only the EPLB code path
+makes the MoE layers map logical to physical experts and record load (``enable_eplb`` decides it
+per layer), and ``num_redundant_experts > 0`` is rejected without it. So the adapter requires
+``--enable-eplb`` and then takes over the one place vLLM runs its balancer: the model runner's
+``eplb_step(is_dummy, is_profile)``, which vLLM calls after every forward step, dummy steps of
+idle data-parallel ranks included, on every EP rank in lockstep. The replacement records the
+step's load, runs the agent's in-band commit and zeroes the view; ``EplbState.step`` never runs
+again, so vLLM never rearranges anything. The placement to start from is read from vLLM's
+``EplbState`` (what the weights were loaded in), and vLLM's copy of ``physical_to_logical_map``
+is kept equal to the agent's after each commit. A runner without ``eplb_step`` gets its
+``execute_model`` wrapped instead (dummy steps then go unseen, so use it only without idle ranks).
+
+Requirements checked by ``eplbd_start`` (each refusal names the setting to change):
+``enable_expert_parallel`` and ``enable_eplb`` on, ``eplb_config.use_async`` off (eplbd stages
+asynchronously itself), one EP group spanning the whole torch.distributed world (no pipeline
+parallelism), and a model with the ``MixtureOfExperts`` surface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable
+
+import torch
+
+from eplbd.errors import InvalidArgumentError
+
+log = logging.getLogger("eplbd.vllm")
+
+MOE_SURFACE = ("expert_weights", "num_moe_layers", "num_logical_experts", "num_physical_experts",
+               "num_local_physical_experts", "num_redundant_experts", "num_expert_groups", "set_eplb_state")
+# eplbd_start keyword -> how to parse it when it arrives as a string (vLLM's HTTP collective_rpc
+# endpoint passes strings only).
+_INT_OPTIONS = ("commit_interval_steps", "staging_budget_bytes", "node", "num_nodes", "report_batch_steps")
+_BOOL_OPTIONS = ("use_async",)
+_FLOAT_OPTIONS = ("heartbeat_s", "timeout")
+_STR_OPTIONS = ("communicator",)
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError(value)
+    return text in ("1", "true", "yes", "on")
+
+
+def agent_options(options: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``PlacementAgent`` keyword arguments from ``eplbd_start``'s keywords, else ``EPLBD_<NAME>`` variables.
+
+    Raises:
+        InvalidArgumentError: an unknown option or a value that does not parse.
+    """
+    env = os.environ if env is None else env
+    known = _INT_OPTIONS + _BOOL_OPTIONS + _FLOAT_OPTIONS + _STR_OPTIONS
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise InvalidArgumentError(f"eplbd_start: unknown option(s) {unknown}; known: {', '.join(known)}")
+    out: dict[str, Any] = {}
+    for name in known:
+        value = options.get(name, env.get(f"EPLBD_{name.upper()}"))
+        if value is None:
+            continue
+        try:
+            out[name] = (int(value) if name in _INT_OPTIONS else float(value) if name in _FLOAT_OPTIONS
+                         else _parse_bool(value) if name in _BOOL_OPTIONS else str(value))
+        except ValueError:
+            raise InvalidArgumentError(f"eplbd_start: {name} = {value!r} does not parse") from None
+    return out
+
+
+def check_parallel_config(parallel_config: Any) -> None:
+    """Refuse a vLLM configuration the adapter cannot serve (see the module docstring).
+
+    Raises:
+        InvalidArgumentError: naming the flag to change.
+    """
+    if not getattr(parallel_config, "enable_expert_parallel", False):
+        raise InvalidArgumentError("eplbd needs expert parallelism: launch vLLM with --enable-expert-parallel")
+    if not getattr(parallel_config, "enable_eplb", False):
+        raise InvalidArgumentError(
+            "eplbd needs vLLM's EPLB code path (--enable-eplb): without it vLLM's MoE layers neither route "
+            "through the placement tensors nor count tokens per slot, and redundant experts are refused. "
+            "The adapter takes over vLLM's eplb_step, so vLLM's own balancer never runs")
+    eplb = getattr(parallel_config, "eplb_config", None)
+    if getattr(eplb, "use_async", False):
+        raise InvalidArgumentError("eplbd stages transfers asynchronously itself: set use_async to false in "
+                                   "--eplb-config (vLLM's async EPLB thread must not run)")
+    if getattr(parallel_config, "pipeline_parallel_size", 1) != 1:
+        raise InvalidArgumentError("eplbd needs one EP group spanning every rank: pipeline_parallel_size must be 1, "
+                                   f"got {parallel_config.pipeline_parallel_size}")
+
+
+def find_moe_model(model: Any) -> Any:
+    """The ``MixtureOfExperts`` model: ``model`` itself or, for a multimodal model, its ``language_model``.
+
+    Raises:
+        InvalidArgumentError: neither has the surface (the missing attributes are named).
+    """
+    for candidate in (model, getattr(model, "language_model", None)):
+        if candidate is not None and all(hasattr(candidate, a) for a in MOE_SURFACE) \
+                and getattr(candidate, "num_moe_layers", 0) > 0:
+            return candidate
+    missing = [a for a in MOE_SURFACE if not hasattr(model, a)]
+    raise InvalidArgumentError(f"{type(model).__name__} is not a vLLM MixtureOfExperts model "
+                               f"(missing {', '.join(missing) or 'MoE layers'})")
+
+
+def _engine_maps(eplb_state: Any) -> list[torch.Tensor]:
+    """vLLM's ``physical_to_logical_map`` tensors: one per registered model (``EplbState.model_states``,
+    recent vLLM) or the state's own (older vLLM). Empty without an ``EplbState``."""
+    if eplb_state is None:
+        return []
+    states = getattr(eplb_state, "model_states", None)
+    holders = list(states.values()) if isinstance(states, dict) else [eplb_state]
+    return [h.physical_to_logical_map for h in holders if isinstance(getattr(h, "physical_to_logical_map", None),
+                                                                     torch.Tensor)]
+
+
+def current_placement(model: Any, eplb_state: Any, ep_size: int) -> torch.Tensor:
+    """``[layers, num_physical]`` placement the weights are in now: vLLM's map, else its initial layout."""
+    from eplbd.policy import initial_placement
+
+    L, P = model.num_moe_layers, model.num_physical_experts
+    for m in _engine_maps(eplb_state):
+        if tuple(m.shape) == (L, P):
+            return m.detach().to("cpu", torch.int64).clone()
+    return initial_placement(L, model.num_logical_experts, P, ep_size, "linear")
+
+
+def _keep_recording(eplb_state: Any) -> None:
+    """Recent vLLM gates load recording on a shared flag that only ``EplbState.step`` updates; that step
+    no longer runs, so the flag is set once, for good."""
+    flag = getattr(eplb_state, "should_record_tensor", None)
+    if isinstance(flag, torch.Tensor):
+        flag.fill_(True)
+
+
+def install_step_hook(runner: Any, hook: Callable[..., None]) -> str:
+    """Make ``hook(is_dummy=False, is_profile=False)`` run after every forward step of ``runner``.
+
+    Replaces the runner's ``eplb_step`` (an instance attribute, so the class is untouched); a runner
+    without one gets ``execute_model`` wrapped. Returns which: ``"eplb_step"`` or ``"execute_model"``.
+    """
+    if callable(getattr(runner, "eplb_step", None)):
+        runner.eplb_step = hook
+        return "eplb_step"
+    original = runner.execute_model
+
+    def execute_model(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        hook()
+        return out
+
+    runner.execute_model = execute_model
+    return "execute_model"
+
+
+@dataclasses.dataclass
+class Binding:
+    """What ``eplbd_start`` built in one worker; ``step`` is the hook. ``agent`` is None once stopped.
+
+    Attributes:
+        view: ``[layers, num_physical]`` load view the model's layers add to (the agent's ``load_view``).
+        engine_maps: vLLM's own ``physical_to_logical_map`` copies, kept equal to the agent's placement.
+    """
+
+    agent: Any
+    view: torch.Tensor
+    engine_maps: list[torch.Tensor]
+    hooked: str = ""
+    steps: int = 0
+    dummy_steps: int = 0
+    _applied: int = 0
+
+    def step(self, is_dummy: bool = False, is_profile: bool = False) -> None:
+        """After a forward step: record the load, commit in-band, zero the view (vLLM's layers add to it).
+
+        A profile run (vLLM's memory profiling) is not a step; a dummy step (an idle DP rank) is one,
+        with its load zeroed, so every rank keeps counting the same steps.
+        """
+        if is_profile:
+            return
+        agent = self.agent
+        if agent is not None:
+            if is_dummy:
+                self.view.zero_()
+                self.dummy_steps += 1
+            agent.after_step(self.steps)
+            if agent.stats.layers_applied != self._applied:
+                self._applied = agent.stats.layers_applied
+                for m in self.engine_maps:
+                    m.copy_(agent.phy2log.to(m.device, m.dtype))
+        self.view.zero_()
+        self.steps += 1
+
+    def stats(self) -> dict[str, Any]:
+        if self.agent is None:
+            return {"running": False, "steps": self.steps, "hooked": self.hooked}
+        a = self.agent
+        s = dataclasses.asdict(a.stats)
+        s.pop("apply_s"), s.pop("stage_s")
+        return {"running": True, "rank": a.rank, "ep_size": a.ep_size, "epoch": a.epoch, "steps": self.steps,
+                "dummy_steps": self.dummy_steps, "hooked": self.hooked, "communicator": a.communicator,
+                "phy2log": a.phy2log.cpu().tolist(),
+                "reporter": {"recorded": a.reporter.steps_recorded, "sent": a.reporter.steps_sent,
+                             "dropped": a.reporter.steps_dropped},
+                "max_apply_ms": round(max(a.stats.apply_s, default=0.0) * 1e3, 3), **s}
+
+
+class EplbdWorkerExtension:
+    """Mixed into vLLM's GPU worker by ``--worker-extension-cls eplbd.integrations.vllm.EplbdWorkerExtension``.
+
+    Call every method through ``collective_rpc`` so that it runs on every rank at once.
+    """
+
+    def eplbd_start(self, rpc: str | None = None, ingest: str | None = None, **options: Any) -> dict[str, Any]:
+        """Connect this rank to eplbd and take over vLLM's EPLB step. Collective (it creates gloo groups).
+
+        Args:
+            rpc, ingest: the daemon's endpoints (default ``$EPLBD_RPC`` / ``$EPLBD_INGEST``).
+            options: ``PlacementAgent`` settings (``commit_interval_steps``, ``communicator``,
+                ``use_async``, ``staging_budget_bytes``, ...), else ``EPLBD_<NAME>``; strings are parsed.
+
+        Returns:
+            ``eplbd_stats()``. Calling it again once started changes nothing.
+
+        Raises:
+            InvalidArgumentError: a configuration the adapter cannot serve, or a bad option.
+        """
+        binding = getattr(self, "_eplbd_binding", None)
+        if binding is not None and binding.agent is not None:
+            return binding.stats()
+        import torch.distributed as dist
+
+        from eplbd.client.agent import PlacementAgent
+
+        runner = self.model_runner
+        check_parallel_config(self.vllm_config.parallel_config)
+        rpc, ingest = rpc or os.environ.get("EPLBD_RPC"), ingest or os.environ.get("EPLBD_INGEST")
+        if not rpc or not ingest:
+            raise InvalidArgumentError("eplbd_start needs the daemon's endpoints: pass rpc= and ingest= or set "
+                                       "EPLBD_RPC and EPLBD_INGEST in the vLLM workers' environment")
+        kwargs = agent_options(options)
+        model = find_moe_model(runner.get_model())
+        ep_size = model.num_physical_experts // model.num_local_physical_experts
+        if not dist.is_initialized() or dist.get_world_size() != ep_size:
+            world = dist.get_world_size() if dist.is_initialized() else "no torch.distributed"
+            raise InvalidArgumentError(f"eplbd needs the EP group to be the whole torch.distributed world: EP size "
+                                       f"{ep_size}, world {world}")
+        eplb_state = getattr(runner, "eplb_state", None)
+        phy2log = current_placement(model, eplb_state, ep_size)
+        agent = PlacementAgent(model, rank=dist.get_rank(), ep_size=ep_size, rpc=rpc, ingest=ingest,
+                               phy2log=phy2log, **kwargs)
+        _keep_recording(eplb_state)
+        self._eplbd_binding = Binding(agent, agent.load_view, _engine_maps(eplb_state))
+        self._eplbd_binding.hooked = install_step_hook(runner, self.eplbd_after_step)
+        agent.start()
+        log.info("rank %d: eplbd agent started (EP size %d, hooked %s, communicator %s)", agent.rank, ep_size,
+                 self._eplbd_binding.hooked, agent.communicator)
+        return self._eplbd_binding.stats()
+
+    def eplbd_after_step(self, is_dummy: bool = False, is_profile: bool = False) -> None:
+        """The per-step hook (installed by ``eplbd_start``; vLLM calls it, not the operator)."""
+        binding = getattr(self, "_eplbd_binding", None)
+        if binding is not None:
+            binding.step(is_dummy=is_dummy, is_profile=is_profile)
+
+    def eplbd_stats(self) -> dict[str, Any]:
+        """This rank's counters: epoch, steps, plans, layers applied, load steps recorded/sent/dropped."""
+        binding = getattr(self, "_eplbd_binding", None)
+        return {"running": False, "steps": 0, "hooked": ""} if binding is None else binding.stats()
+
+    def eplbd_stop(self) -> dict[str, Any]:
+        """Disconnect from eplbd; the last placement keeps serving and vLLM's balancer stays off (its maps
+        are no longer the ones the layers use, so handing the step back could move the wrong weights)."""
+        binding = getattr(self, "_eplbd_binding", None)
+        if binding is None or binding.agent is None:
+            return self.eplbd_stats()
+        agent, binding.agent = binding.agent, None
+        agent.close()
+        return binding.stats()
