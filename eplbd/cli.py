@@ -29,7 +29,20 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--step-interval", type=int, default=3000)
     p.add_argument("--min-gain", type=float, default=0.0,
                    help="skip plans whose predicted gain is below this (default 0: never skip)")
-    p.add_argument("--policy", default="default", help="policy name, or several separated by commas")
+    p.add_argument("--policy", default="default",
+                   help="policy name, or several separated by commas to compare them (default,incremental)")
+    p.add_argument("--expert-bytes", type=int, default=0,
+                   help="bytes of one expert's tensors: report moved bytes and apply the transfer-cost gate")
+    p.add_argument("--move-budget", type=int, default=None,
+                   help="most slots one plan may fill from another rank (movement-aware policies)")
+    p.add_argument("--replan-below", type=float, default=1.0,
+                   help="re-plan only layers whose predicted balancedness is below this (default 1: all)")
+    p.add_argument("--min-gain-per-transfer-s", type=float, default=0.0,
+                   help="skip plans buying less balancedness per transfer second (needs --expert-bytes; "
+                        "default 0: off)")
+    p.add_argument("--transfer-gb-per-s", type=float, default=25.0, help="per-rank transfer bandwidth, GB/s")
+    p.add_argument("--plot", metavar="PNG", default=None,
+                   help="write balancedness over steps, one line per policy (needs matplotlib: eplbd[plot])")
     p.add_argument("--placement", default="linear", choices=["linear", "round_robin"],
                    help="initial placement strategy")
     p.add_argument("--batch", type=int, default=64, help="token-routing input: requests in flight")
@@ -64,7 +77,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
     config = make_eplb_config(window_size=args.window_size, step_interval=args.step_interval,
                               num_redundant_experts=args.num_redundant, min_gain=args.min_gain,
-                              policy=policies[0] if policies else "")
+                              policy=policies[0] if policies else "", move_budget=args.move_budget,
+                              replan_below=args.replan_below, transfer_gb_per_s=args.transfer_gb_per_s,
+                              min_gain_per_transfer_s=args.min_gain_per_transfer_s)
+    if args.expert_bytes < 0:
+        raise EplbdError(f"--expert-bytes must be >= 0, got {args.expert_bytes}")
     for name in policies[1:]:
         make_eplb_config(policy=name)  # validates the name with a clear error
     topo = Topology(num_layers=trace.num_layers, num_logical=trace.num_logical,
@@ -74,8 +91,12 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         raise EplbdError(f"--num-gpus {args.num_gpus} does not divide {topo.num_physical} physical slots "
                          f"({trace.num_logical} experts + {args.num_redundant} redundant)")
     progress = stderr_progress() if trace.load.shape[0] >= 2000 else None
-    results = [replay(trace, topo, config, policy=name, placement=args.placement, progress=progress)
-               for name in policies]
+    results = [replay(trace, topo, config, policy=name, placement=args.placement,
+                      expert_bytes=args.expert_bytes, progress=progress) for name in policies]
+    if args.plot:
+        from eplbd.replay import plot_balancedness
+
+        plot_balancedness(results, args.plot)
     if args.json:
         docs = [r.as_dict(with_decisions=True) for r in results]
         out = docs[0] if len(docs) == 1 else {"results": docs}
@@ -84,12 +105,13 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     print(f"trace: {trace.load.shape[0]} steps, {trace.num_layers} layers x {trace.num_logical} experts; "
           f"EP {topo.num_gpus} GPUs, {topo.num_physical} slots/layer ({args.num_redundant} redundant); "
           f"window {config.window_size}, re-plan every {config.step_interval} steps")
-    hdr = f"{'policy':<12} {'static':>8} {'balanced':>9} {'rebal':>6} {'skipped':>8} {'moved slots':>12} {'policy ms':>10}"
-    print(hdr)
+    print(f"{'policy':<12} {'static':>7} {'balanced':>8} {'rebal':>5} {'skipped':>7} {'moved slots':>15} "
+          f"{'moved GB':>9} {'ms/call':>8} {'total s':>8}")
     for r in results:
-        print(f"{r.policy:<12} {r.mean_balancedness_static:>8.4f} {r.mean_balancedness:>9.4f} "
-              f"{r.rebalances:>6} {r.skipped:>8} {r.moved_slots:>5}/{r.total_slots * max(r.rebalances, 1):<6} "
-              f"{r.policy_ms_mean:>10.2f}")
+        moved = f"{r.moved_slots}/{r.total_slots * max(r.rebalances, 1)}"
+        gb = f"{r.moved_bytes / 1e9:.3f}" if r.expert_bytes else "-"
+        print(f"{r.policy:<12} {r.mean_balancedness_static:>7.4f} {r.mean_balancedness:>8.4f} {r.rebalances:>5} "
+              f"{r.skipped:>7} {moved:>15} {gb:>9} {r.policy_ms_mean:>8.2f} {r.policy_s_total:>8.2f}")
     print("balancedness = mean rank load / max rank load per step and layer, averaged (1.0 = perfect); "
           "static = initial placement kept throughout.")
     for r in results:
@@ -99,6 +121,15 @@ def _cmd_replay(args: argparse.Namespace) -> int:
                   f"{r.mean_balancedness_static:.3f} to {r.mean_balancedness:.3f} ({gain:+.0%}): the slowest GPU "
                   f"waits {1 / r.mean_balancedness_static - 1 / r.mean_balancedness:.2f}x the mean load less "
                   f"per step; each re-plan moved {r.moved_slots / max(r.rebalances, 1) / r.total_slots:.0%} of slots.")
+    base = results[0]
+    for r in results[1:]:
+        gain0 = base.mean_balancedness - base.mean_balancedness_static
+        if gain0 > 0 and base.moved_slots:
+            print(f"{r.policy} vs {base.policy}: "
+                  f"{(r.mean_balancedness - r.mean_balancedness_static) / gain0:.1%} of the balancedness gain "
+                  f"with {r.moved_slots / base.moved_slots:.1%} of the moved slots")
+    if args.plot:
+        print(f"plot written to {args.plot}")
     return 0
 
 
@@ -205,6 +236,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return main_from_args(args)
 
 
+def _add_launch(sub: argparse._SubParsersAction) -> None:
+    from eplbd.launch import add_arguments
+
+    p = sub.add_parser("launch", allow_abbrev=False, help="eplbd serve + N engine ranks under torchrun",
+                       description="Start eplbd serve, then N ranks of the reference model (or your engine, "
+                                   "after --) with torchrun, wired by EPLBD_RPC / EPLBD_INGEST; stop the daemon "
+                                   "when the ranks exit, everything on Ctrl-C.")
+    add_arguments(p)
+    p.set_defaults(func=_cmd_launch)
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from eplbd.launch import main_from_args
+
+    setup_logging("WARNING", False)
+    return main_from_args(args)
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from eplbd.settings import add_settings_arguments
 
@@ -248,6 +297,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_keygen(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keygen", allow_abbrev=False, help="write a CURVE key pair",
+                       description="Write DIR/NAME.key (public) and DIR/NAME.key_secret (secret, mode 600) for "
+                                   "CURVE: one pair for the daemon (curve_secret_key_file), one per worker or "
+                                   "operator (public .key into curve_worker_keys_dir / curve_operator_keys_dir). "
+                                   "Existing files are never overwritten.")
+    p.add_argument("dir", help="directory to write to (created, mode 700, if missing)")
+    p.add_argument("--name", default="eplbd", help="key name: file stem and the name in logs (default: eplbd)")
+    p.set_defaults(func=_cmd_keygen)
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from eplbd.auth import keygen
+
+    public, secret = keygen(args.dir, args.name)
+    print(f"wrote {public} (public: give it to the other side) and {secret} (secret: keep it here)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eplbd", allow_abbrev=False, description="Expert-parallel load balancing daemon.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -256,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_convert_files(sub)
     _add_demo(sub)
+    _add_launch(sub)
+    _add_keygen(sub)
     return parser
 
 

@@ -25,7 +25,9 @@ class EplbConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    window_size: int = Field(default=1000, gt=0, description="Steps of load kept in the window.")
+    # The window is allocated as [window_size, layers, experts] (twice): cap it so that a typo fails here,
+    # not as an out-of-memory kill when the first rank registers.
+    window_size: int = Field(default=1000, gt=0, le=1_000_000, description="Steps of load kept in the window.")
     step_interval: int = Field(default=3000, gt=0, description="Steps between scheduled re-plans.")
     num_redundant_experts: int = Field(default=0, ge=0, description="Extra physical slots per layer.")
     log_balancedness: bool = Field(default=False, description="Log balancedness periodically.")
@@ -35,7 +37,24 @@ class EplbConfig(BaseModel):
     communicator: Communicator = Field(default="auto", description="Weight transfer backend.")
     # Gating: a plan whose predicted gain in mean balancedness is below this is skipped.
     min_gain: float = Field(default=0.01, ge=0.0, le=1.0, description="Minimum predicted balancedness gain.")
+    # Movement-aware gating: a plan's cost is its moved bytes (slots x the expert bytes the ranks
+    # registered) over the group's transfer bandwidth; see eplbd.scheduler.propose.
+    min_gain_per_transfer_s: float = Field(
+        default=0.01, ge=0.0, description="Skip a plan whose predicted gain per second of expert transfer "
+                                          "is below this (0 = off).")
+    transfer_gb_per_s: float = Field(
+        default=25.0, gt=0.0, description="Expert-weight transfer bandwidth of one rank in GB/s, for a plan's "
+                                          "transfer-time estimate.")
+    replan_below: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="Re-plan only layers whose predicted balancedness on the "
+                                                 "window is below this (1.0 = every layer).")
+    move_budget: int | None = Field(
+        default=None, ge=0, description="Most slots one plan may fill with an expert from another rank "
+                                        "(movement-aware policies; unset = the policy's default).")
     plan_timeout_s: float = Field(default=60.0, gt=0, description="Abort a plan not fully acked in this time.")
+    plan_stall_timeout_s: float = Field(
+        default=30.0, gt=0, description="Watchdog: abort a plan in flight that got no new LayerReady or Ack "
+                                        "for this long (a plan older than plan_timeout_s is aborted anyway).")
 
     @model_validator(mode="after")
     def _check(self) -> "EplbConfig":

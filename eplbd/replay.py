@@ -65,16 +65,21 @@ class ReplayResult:
     policy_s_total: float
     policy_ms_mean: float
     decisions: list[dict] = field(default_factory=list)
+    expert_bytes: int = 0
+    moved_bytes: int = 0
+    # [steps] balancedness of each step (mean over layers): what --plot draws; not in as_dict().
+    per_step: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    per_step_static: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     def as_dict(self, *, with_decisions: bool = True) -> dict:
-        d = asdict(self)
+        d = {k: v for k, v in asdict(self).items() if k not in ("per_step", "per_step_static")}
         if not with_decisions:
             d.pop("decisions")
         return d
 
 
 def replay(trace: Trace, topo: Topology, config: EplbConfig, *, policy: str | None = None,
-           placement: str = "linear",
+           placement: str = "linear", expert_bytes: int = 0,
            progress: Callable[[int, int], None] | None = None) -> ReplayResult:
     """Replay ``trace`` through the window and schedule with one policy.
 
@@ -84,6 +89,7 @@ def replay(trace: Trace, topo: Topology, config: EplbConfig, *, policy: str | No
         config: window size, step interval, gating.
         policy: overrides ``config.policy``.
         placement: initial placement strategy (``linear`` or ``round_robin``).
+        expert_bytes: bytes of one expert, for moved bytes and the transfer-cost gate (0 = unknown).
         progress: called as ``progress(done_steps, total_steps)`` now and then.
     """
     load = trace.load
@@ -108,12 +114,14 @@ def replay(trace: Trace, topo: Topology, config: EplbConfig, *, policy: str | No
                    config)
         if d.action == "plan":
             last_plan_step = s
-            prop = propose(window.logical_load(), torch.from_numpy(current), topo, config, policy=name)
+            prop = propose(window.logical_load(), torch.from_numpy(current), topo, config, policy=name,
+                           expert_bytes=expert_bytes)
             policy_s += prop.policy_s
             decisions.append({"step": s, "accepted": prop.accept, "reason": prop.reason,
                               "predicted_before": float(prop.before.mean()),
                               "predicted_after": float(prop.after.mean()),
-                              "moved_slots": int(prop.moved_slots.sum())})
+                              "moved_slots": int(prop.moved_slots.sum()), "moved_bytes": prop.moved_bytes,
+                              "policy_ms": 1e3 * prop.policy_s})
             if prop.accept:
                 rebalances += 1
                 moved += int(prop.moved_slots.sum())
@@ -138,7 +146,9 @@ def replay(trace: Trace, topo: Topology, config: EplbConfig, *, policy: str | No
         rebalances=rebalances, skipped=skipped, moved_slots=moved,
         total_slots=topo.num_layers * topo.num_physical,
         policy_s_total=policy_s, policy_ms_mean=1e3 * policy_s / calls if calls else 0.0,
-        decisions=decisions)
+        decisions=decisions, expert_bytes=int(expert_bytes), moved_bytes=moved * int(expert_bytes),
+        per_step=dynamic.mean(axis=1) if n else np.zeros(0),
+        per_step_static=static.mean(axis=1) if n else np.zeros(0))
 
 
 def stderr_progress(min_interval_s: float = 1.0) -> Callable[[int, int], None]:
@@ -153,3 +163,50 @@ def stderr_progress(min_interval_s: float = 1.0) -> Callable[[int, int], None]:
                   flush=True)
 
     return report
+
+
+def plot_balancedness(results: list[ReplayResult], path: str, *, smooth: int = 50) -> list[str]:
+    """Write a PNG of balancedness over steps, one line per policy plus the static placement.
+
+    Args:
+        results: replays of one trace (``per_step`` filled).
+        path: PNG file to write.
+        smooth: steps in the moving average drawn (per-step values are noisy).
+
+    Returns:
+        The labels of the lines drawn, in order.
+
+    Raises:
+        InvalidArgumentError: matplotlib is not installed (``pip install 'eplbd[plot]'``).
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise InvalidArgumentError("--plot needs matplotlib: pip install 'eplbd[plot]'") from None
+    matplotlib.use("Agg")  # no display: write files only
+    from matplotlib.figure import Figure
+
+    def avg(x: np.ndarray) -> np.ndarray:
+        k = max(1, min(smooth, x.size))
+        return np.convolve(x, np.ones(k) / k, mode="valid")
+
+    fig = Figure(figsize=(9, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    labels = []
+    for r in results:
+        label = f"{r.policy} (mean {r.mean_balancedness:.3f}, {r.moved_slots} slots moved)"
+        ax.plot(np.arange(avg(r.per_step).size) + smooth // 2, avg(r.per_step), label=label, linewidth=1.2)
+        labels.append(label)
+    if results:
+        static = f"static (mean {results[0].mean_balancedness_static:.3f})"
+        line = avg(results[0].per_step_static)
+        ax.plot(np.arange(line.size) + smooth // 2, line, label=static, color="grey", linestyle="--", linewidth=1)
+        labels.append(static)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"balancedness (mean/max rank load, {smooth}-step average)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return labels

@@ -21,8 +21,9 @@ from eplbd.errors import (InvalidArgumentError, NotFoundError, NotReadyError,
 from eplbd.plans import PersistedState, PlanRecord, load_state, read_placement_file, save_state
 from eplbd.policy import (get_policy, moved_slots, observed_balancedness, predicted_balancedness, rank_loads,
                           spread_logical_load, summarize, validate_placement)
-from eplbd.proto import (Abort, Ack, BalancednessReply, BalanceStats, Commit, LayerReady, LoadReport,
+from eplbd.proto import (Abort, AbortInfo, Ack, BalancednessReply, BalanceStats, Commit, LayerReady, LoadReport,
                          Plan, RebalanceReply, RegisterWorker, Registered, StatusReply, WorkerInfo)
+from eplbd.resize import ElasticOps
 from eplbd.scheduler import Proposal, SchedulerState, Topology, decide, propose
 from eplbd.trace import save_trace
 from eplbd.window import LoadWindow, ReportRejected
@@ -46,14 +47,17 @@ class Worker:
     last_seen: float
     last_seq: int = -1
     step: int = 0
+    rejected_ahead: int = 0  # reports refused since the last applied one (their seqs are not gaps)
 
 
 @dataclass
 class Outgoing:
-    """A message for one rank (``rank``) or for every registered rank (``rank is None``)."""
+    """A message for one rank (``rank``) or for every registered rank (``rank is None``); with
+    ``identity``, for that one connection instead (a rank retired by an elastic resize)."""
 
     msg: Any
     rank: int | None = None
+    identity: bytes | None = None
 
 
 @dataclass
@@ -62,17 +66,38 @@ class Counters:
     reports_dropped: int = 0
     drop_reasons: dict[str, int] = field(default_factory=dict)
     plans: dict[str, int] = field(default_factory=lambda: {"committed": 0, "aborted": 0, "skipped": 0})
+    # Abort actions by cause (ABORT_CAUSES); a truncating abort counts too, though its plan then commits.
+    aborts: dict[str, int] = field(default_factory=dict)
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.reports_dropped += n
         self.drop_reasons[reason] = self.drop_reasons.get(reason, 0) + n
 
 
+# Why a plan was aborted: the label of eplbd_plans_aborted_total and AbortInfo.cause.
+ABORT_CAUSES = ("timeout", "stalled", "rank_dead", "rank_failed", "reregistered")
+
+
+def operator_path(path: str, verb: str) -> pathlib.Path:
+    """A path an operator named on the daemon's host, checked before any syscall sees it.
+
+    Raises:
+        InvalidArgumentError: not absolute (it would resolve against wherever the daemon was
+            started), a NUL byte, or longer than the system allows.
+    """
+    shown = f"{path[:200]!r}{'...' if len(path) > 200 else ''}"
+    if "\x00" in path or not pathlib.Path(path).is_absolute():
+        raise InvalidArgumentError(f"cannot {verb} {shown}: give an absolute path on the daemon's host")
+    if len(path.encode(errors="surrogateescape")) >= 4096 or any(len(part) > 255 for part in path.split("/")):
+        raise InvalidArgumentError(f"cannot {verb} {shown}: the path or one of its names is too long")
+    return pathlib.Path(path)
+
+
 def _stats(s) -> BalanceStats:
     return BalanceStats(min=s.min, p50=s.p50, p90=s.p90, mean=s.mean, aggregate=s.aggregate)
 
 
-class DaemonState:
+class DaemonState(ElasticOps):
     """Everything the daemon knows. ``settings`` is a ``DaemonSettings`` (or an ``EplbConfig``
     carrying the daemon fields used here); it may be replaced at run time by ``set_settings``."""
 
@@ -96,6 +121,8 @@ class DaemonState:
         self.last_decision_reason = "no workers registered yet"
         self._decided = False
         self.last_commit_time: float | None = None
+        self.last_abort: AbortInfo | None = None
+        self.aborts_in_a_row = 0  # plans ended aborted since the last commit
         self.counters = Counters()
         self._persisted: PersistedState | None = None
         if getattr(settings, "state_dir", None):
@@ -107,6 +134,7 @@ class DaemonState:
     def _restore(self, p: PersistedState) -> None:
         """Serve the persisted placement until workers register (they then confirm or override it)."""
         self.epoch, self.next_plan_id = p.epoch, p.next_plan_id
+        self.last_commit_time = p.last_commit_at
         try:
             g = {f: int(p.topology[f]) for f in _GROUP_FIELDS}
         except (KeyError, TypeError, ValueError):
@@ -134,6 +162,7 @@ class DaemonState:
                 f"rank {msg.rank}: num_physical_experts={shape['num_physical_experts']} != "
                 f"num_local_physical_experts={shape['num_local_physical_experts']} x ep_size={shape['ep_size']}")
         validate_placement(msg.phy2log, msg.num_logical_experts, msg.ep_size, msg.num_layers)
+        self.check_resize_registration(msg)  # elastic EP: the old group may not come back
         alive_others = [w for r, w in self.workers.items() if r != msg.rank and self.alive(w, now)]
         out: list[Outgoing] = []
         if self.topo is not None and alive_others:
@@ -147,8 +176,11 @@ class DaemonState:
                     f"(epoch {self.epoch}); restart it on the group's placement")
         else:
             self._adopt(msg, shape)
+        # Plan ids stay above any the ranks have seen, even when this daemon lost its state.
+        self.next_plan_id = max(self.next_plan_id, msg.last_plan_id + 1)
         if msg.rank in self.workers and self.current_plan is not None and self.current_plan.in_flight:
-            out += self.abort_plan(f"rank {msg.rank} re-registered (worker {msg.worker_id})")
+            out += self.abort_plan(f"rank {msg.rank} re-registered (worker {msg.worker_id})",
+                                   rank=msg.rank, cause="reregistered", reported_by=msg.rank)
         self.workers[msg.rank] = Worker(msg.rank, msg.worker_id, identity, msg.node, msg.hostname, msg.epoch,
                                         msg.expert_bytes, now, step=msg.step)
         log.info("rank %d registered (worker %s, epoch %d, %d/%d ranks)", msg.rank, msg.worker_id,
@@ -213,12 +245,23 @@ class DaemonState:
         if rep.seq <= w.last_seq:
             self.counters.drop("duplicate")
             return False
-        if w.last_seq >= 0 and rep.seq > w.last_seq + 1:
+        if not self._add_report(rep):
+            # A refused report leaves the sequence alone: a corrupt or forged seq must not make
+            # the rank's next real reports look like duplicates. It is no gap either.
+            w.rejected_ahead += 1
+            return False
+        gap = rep.seq - w.last_seq - 1 - w.rejected_ahead
+        if w.last_seq >= 0 and gap > 0:
             # Reports the sender never got out (or we never got): counted, not silent.
-            self.counters.drop("seq_gap", rep.seq - w.last_seq - 1)
-        w.last_seq = rep.seq
+            self.counters.drop("seq_gap", gap)
+        w.last_seq, w.rejected_ahead = rep.seq, 0
         if rep.dropped_steps:
             self.counters.drop("sender_overflow_steps", rep.dropped_steps)
+        w.step = max(w.step, rep.first_step + rep.load.shape[0] - 1)
+        return True
+
+    def _add_report(self, rep: LoadReport) -> bool:
+        """Add ``rep``'s load to the window under its placement; False (a counted drop) if refused."""
         phy2log = self.placements.get(rep.epoch)
         key: int | tuple[int, int] = rep.epoch
         if phy2log is not None and rep.layers_applied >= 0:
@@ -233,7 +276,6 @@ class DaemonState:
             self.counters.drop(exc.reason)
             log.info("dropped report of rank %d: %s", rep.rank, exc)
             return False
-        w.step = max(w.step, rep.first_step + rep.load.shape[0] - 1)
         return True
 
     def _partial_placement(self, epoch: int, applied: int) -> tuple[torch.Tensor | None, tuple[int, int]]:
@@ -255,13 +297,17 @@ class DaemonState:
         return phy2log, key
 
     # -- schedule -----------------------------------------------------------------------
-    def scheduler_state(self, *, manual: bool = False) -> SchedulerState:
+    def scheduler_state(self, *, manual: bool = False, now: float | None = None) -> SchedulerState:
+        """What ``decide`` sees; with ``now`` (wall time), the ranks silent beyond the heartbeat timeout."""
         plan = self.current_plan if self.current_plan is not None and self.current_plan.in_flight else None
+        dead = () if plan is None or now is None else tuple(
+            (r, now - w.last_seen) for r, w in sorted(self.workers.items()) if not self.alive(w, now))
         return SchedulerState(step=self.window.newest_step if self.window else -1,
                               last_plan_step=self.last_plan_step,
                               window_fill=self.window.fill if self.window else 0,
                               paused=self.paused, manual=manual,
-                              plan_started_at=plan.started_mono if plan else None)
+                              plan_started_at=plan.started_mono if plan else None,
+                              plan_progress_at=plan.progress_mono if plan else None, dead_ranks=dead)
 
     def tick(self, now: float, mono: float | None = None) -> list[Outgoing]:
         """One scheduler step: maybe push a plan, maybe abort a stuck one."""
@@ -269,10 +315,10 @@ class DaemonState:
         if self.topo is None:
             self.last_decision_reason = "no workers registered yet"
             return []
-        d = decide(mono, self.scheduler_state(), self.settings)
+        d = decide(mono, self.scheduler_state(now=now), self.settings)
         if d.action == "abort":
             self.last_decision_reason = d.reason
-            return self.abort_plan(d.reason)
+            return self.abort_plan(d.reason, rank=d.rank, cause=d.trigger)
         if d.action == "wait":
             # A wait reason is shown only until the first real decision: after
             # that, status keeps saying why the last plan was pushed or skipped.
@@ -285,7 +331,8 @@ class DaemonState:
                                          "ranks are registered and alive")
             return []
         self.last_plan_step = self.window.newest_step
-        prop = propose(self.window.logical_load(), self.phy2log, self.topo, self.settings)
+        prop = propose(self.window.logical_load(), self.phy2log, self.topo, self.settings,
+                       expert_bytes=self._moved_bytes(1))
         self.last_decision_reason = f"{d.reason}: {prop.reason}"
         log.info("scheduled re-plan: %s", self.last_decision_reason)
         if not prop.accept:
@@ -332,7 +379,8 @@ class DaemonState:
         rec = self._plan(msg.plan_id, msg.epoch)
         if rec is None:
             return []  # late or duplicate: idempotent
-        rec.ready.setdefault(msg.rank, set()).update(l for l in msg.layers if l in rec.layers)
+        if not rec.record(rec.ready, msg.rank, msg.layers, rec.layers):
+            return []  # duplicate, replayed or foreign layers: nothing new
         rec.mark("first_ready")
         everywhere = rec.layers_ready_everywhere(range(self.topo.num_gpus)) - rec.permitted
         if not everywhere:
@@ -349,7 +397,8 @@ class DaemonState:
         rec = self._plan(msg.plan_id, msg.epoch)
         if rec is None:
             return []
-        rec.acked.setdefault(msg.rank, set()).update(l for l in msg.layers if l in rec.permitted)
+        if not rec.record(rec.acked, msg.rank, msg.layers, rec.permitted):
+            return []  # a duplicate ack (or one for layers never permitted) changes nothing
         rec.mark("first_ack")
         if rec.layers_acked_everywhere(range(self.topo.num_gpus)) >= set(rec.layers):
             self._commit(rec)
@@ -366,18 +415,30 @@ class DaemonState:
         self.window.set_epoch(self.epoch)
         self.current_plan = rec
         self.last_commit_time = time.time()
+        self.aborts_in_a_row = 0
         self.counters.plans["committed"] += 1
         self._persist()
         log.info("plan %d committed: epoch %d in %.3fs", rec.plan_id, rec.epoch, rec.timings["committed"])
 
-    def abort_plan(self, reason: str, *, rank: int = -1) -> list[Outgoing]:
+    def abort_plan(self, reason: str, *, rank: int = -1, cause: str = "rank_failed",
+                   reported_by: int = -1) -> list[Outgoing]:
         """Abandon the plan in flight. Layers already permitted cannot be taken back (a rank
         may have applied them): the first abort of such a plan truncates it to those layers
-        and it still commits when they are acked; otherwise the plan ends aborted."""
+        and it still commits when they are acked; otherwise the plan ends aborted.
+
+        Args:
+            reason: why, for logs, the plan record and ``status.last_abort``.
+            rank: the rank that failed (-1: none in particular).
+            cause: one of ``ABORT_CAUSES`` (the metric label).
+            reported_by: the rank that reported the failure (-1: the daemon noticed).
+        """
         rec = self.current_plan
         if rec is None or not rec.in_flight:
             return []
         keep = [layer for layer in rec.layers if layer in rec.permitted]
+        self.counters.aborts[cause] = self.counters.aborts.get(cause, 0) + 1
+        self.last_abort = AbortInfo(plan_id=rec.plan_id, rank=rank, reason=reason, at=time.time(), cause=cause,
+                                    reported_by=reported_by, kept_layers=keep if not rec.end_reason else [])
         if keep and not rec.end_reason:
             self._truncate(rec, keep)
             rec.end_reason = f"truncated to {len(keep)} permitted layer(s): {reason}"
@@ -390,6 +451,7 @@ class DaemonState:
         rec.mark("aborted")
         self.placements.pop(rec.epoch, None)
         self.counters.plans["aborted"] += 1
+        self.aborts_in_a_row += 1
         self._persist()
         log.warning("plan %d aborted: %s", rec.plan_id, reason)
         return [Outgoing(Abort(plan_id=rec.plan_id, epoch=rec.epoch, reason=reason, rank=rank))]
@@ -402,11 +464,38 @@ class DaemonState:
         self.placements[rec.epoch] = phy2log
 
     def worker_abort(self, msg: Abort, now: float) -> list[Outgoing]:
+        """A rank gave up on a plan (a failed transfer, a refused plan). When the failure was a
+        transfer with a named peer, that peer is the rank blamed: the reporter is evidently alive."""
         if msg.rank >= 0 and msg.rank in self.workers:
             self.workers[msg.rank].last_seen = now
         if self._plan(msg.plan_id, msg.epoch) is None:
-            return []
-        return self.abort_plan(f"rank {msg.rank} failed: {msg.reason}", rank=msg.rank)
+            return []  # late, duplicated or for a plan already over: idempotent
+        if msg.peer >= 0:
+            reason = f"rank {msg.rank} failed a transfer with rank {msg.peer}: {msg.reason}"
+            return self.abort_plan(reason, rank=msg.peer, reported_by=msg.rank)
+        return self.abort_plan(f"rank {msg.rank} failed: {msg.reason}", rank=msg.rank, reported_by=msg.rank)
+
+    def rebalancing_stuck(self, mono: float) -> tuple[bool, str]:
+        """Whether balancing is wedged, and why: a plan in flight with no progress for longer than
+        ``plan_stall_timeout_s`` (the watchdog should have aborted it: the tick loop itself is stuck),
+        or ``stuck_abort_streak`` plans in a row ended aborted with no commit between them (aborting
+        does not help: a rank keeps failing). A commit clears the streak.
+
+        Args:
+            mono: ``time.monotonic()`` now.
+        """
+        rec = self.current_plan
+        if rec is not None and rec.in_flight:
+            idle = mono - rec.progress_mono
+            if idle > self.settings.plan_stall_timeout_s:
+                return True, (f"plan {rec.plan_id} has made no progress for {idle:.0f}s "
+                              f"(plan_stall_timeout_s={self.settings.plan_stall_timeout_s:g}) and is not aborted")
+        streak = getattr(self.settings, "stuck_abort_streak", 3)
+        if self.aborts_in_a_row >= streak:
+            last = self.last_abort
+            why = f"; last: plan {last.plan_id}: {last.reason}" if last is not None else ""
+            return True, f"the last {self.aborts_in_a_row} plans were aborted without a commit between them{why}"
+        return False, "ok"
 
     # -- operator operations ----------------------------------------------------------
     def _require_group(self) -> None:
@@ -418,6 +507,8 @@ class DaemonState:
                               last_seen_s=now - w.last_seen, node=w.node, epoch=w.epoch, hostname=w.hostname)
                    for w in sorted(self.workers.values(), key=lambda w: w.rank)]
         st = self.scheduler_state()
+        stuck, why = self.rebalancing_stuck(time.monotonic())
+        why = why if stuck else ""
         nxt = (st.last_plan_step if st.last_plan_step >= 0 else -1) + self.settings.step_interval
         return StatusReply(epoch=self.epoch, step=st.step, paused=self.paused, workers=workers,
                            window_fill=st.window_fill, window_size=self.settings.window_size,
@@ -427,7 +518,10 @@ class DaemonState:
                            reports_dropped=self.counters.reports_dropped,
                            drop_reasons=dict(self.counters.drop_reasons), daemon_id=self.daemon_id,
                            ep_size=self.topo.num_gpus if self.topo else 0, policy=self.settings.policy,
-                           next_rebalance_step=nxt, uptime_s=time.time() - self.started)
+                           next_rebalance_step=nxt, uptime_s=time.time() - self.started,
+                           last_commit_at=self.last_commit_time or 0.0, last_abort=self.last_abort,
+                           aborts_in_a_row=self.aborts_in_a_row, rebalancing_stuck=stuck, stuck_reason=why,
+                           resize=self.resize_info())
 
     def balancedness(self, per_layer: bool = False, per_rank: bool = False) -> BalancednessReply:
         self._require_group()
@@ -454,7 +548,7 @@ class DaemonState:
         if policy is not None:
             get_policy(policy)  # PolicyError naming the bad name and the available ones
         prop = propose(self.window.logical_load(), self.phy2log, self.topo, self.settings, policy=policy,
-                       layers=layers, force=force)
+                       layers=layers, force=force, expert_bytes=self._moved_bytes(1))
         return self._proposal_reply(prop, dry_run, req_id, "operator rebalance")
 
     def _check_can_start(self, now: float) -> None:
@@ -485,7 +579,7 @@ class DaemonState:
 
     def load_placement(self, path: str, *, dry_run: bool, now: float, req_id: int = 0):
         self._require_group()
-        new = read_placement_file(path)
+        new = read_placement_file(operator_path(path, "read"))
         want = (self.topo.num_layers, self.topo.num_physical)
         if tuple(new.shape) != want:
             raise InvalidArgumentError(f"placement in {path!r} has shape {list(new.shape)}, the group needs {list(want)}")
@@ -522,12 +616,17 @@ class DaemonState:
 
     def dump_window(self, path: str) -> int:
         self._require_group()
-        p = pathlib.Path(path)
+        p = operator_path(path, "write")
         if not p.parent.is_dir():
             raise InvalidArgumentError(f"cannot write {path!r}: directory {str(p.parent)!r} does not exist")
+        if p.is_dir():
+            raise InvalidArgumentError(f"cannot write {path!r}: it is a directory")
         steps, load = self.window.steps_logical()
-        save_trace(p, load, steps=steps, meta={"source": "eplbd dump", "daemon_id": self.daemon_id,
-                                               "epoch": self.epoch, "ep_size": self.topo.num_gpus})
+        try:
+            save_trace(p, load, steps=steps, meta={"source": "eplbd dump", "daemon_id": self.daemon_id,
+                                                   "epoch": self.epoch, "ep_size": self.topo.num_gpus})
+        except OSError as exc:  # permissions, a full disk: the operator's problem to fix, not a daemon bug
+            raise InvalidArgumentError(f"cannot write {path!r}: {exc.strerror or exc}") from None
         return int(steps.size)
 
     def set_settings(self, settings) -> None:
@@ -552,6 +651,6 @@ class DaemonState:
             return
         try:
             save_state(self.settings.state_dir, PersistedState(self.epoch, self.phy2log, dict(self.group),
-                                                               self.next_plan_id))
+                                                               self.next_plan_id, self.last_commit_time))
         except OSError as exc:  # a full disk must not take the daemon down
             log.error("cannot write state to %s: %s", self.settings.state_dir, exc)

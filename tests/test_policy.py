@@ -274,16 +274,16 @@ def test_old_phy2log_shape_checked() -> None:
         get_policy("default").rebalance(torch.ones(2, 12), 16, 4, 2, 8, old_phy2log=torch.zeros(2, 8, dtype=torch.int64))
 
 
-def test_old_phy2log_only_reorders_within_ranks() -> None:
+def test_old_phy2log_relabels_ranks_and_keeps_slots() -> None:
     w = torch.tensor(GOLDEN_WEIGHT)
     old = initial_placement(2, 12, 16, 8)
     plain = get_policy("default").rebalance(w, 16, 4, 2, 8)
     kept = get_policy("default").rebalance(w, 16, 4, 2, 8, old_phy2log=old)
-    assert torch.equal(plain.reshape(2, 8, 2).sort(-1).values, kept.reshape(2, 8, 2).sort(-1).values)
-    assert torch.equal(moved_slots(old, plain, 8), moved_slots(old, kept, 8))
-    # A rank that keeps an expert keeps it in its old slot.
-    same = (kept == old).sum()
-    assert int(same) >= int((plain == old).sum())
+    # Same per-rank sets (relabelled whole nodes / ranks within a node), never more moves.
+    sets = lambda p: sorted(map(tuple, p.reshape(2, 8, 2).sort(-1).values.reshape(16, 2).tolist()))  # noqa: E731
+    assert sets(plain) == sets(kept)
+    assert bool((moved_slots(old, kept, 8) <= moved_slots(old, plain, 8)).all())
+    assert int((kept == old).sum()) >= int((plain == old).sum())
 
 
 # --- registry -----------------------------------------------------------------------
@@ -302,7 +302,8 @@ def test_registry() -> None:
 
 def test_register_custom_policy() -> None:
     class Identity(Policy):
-        def rebalance(self, weight, num_replicas, num_groups, num_nodes, num_gpus, old_phy2log=None):  # noqa: ANN001
+        def rebalance(self, weight, num_replicas, num_groups, num_nodes, num_gpus, old_phy2log=None,  # noqa: ANN001
+                      move_budget=None):
             return initial_placement(weight.shape[0], weight.shape[1], num_replicas, num_gpus)
 
     register_policy("identity-test", Identity)

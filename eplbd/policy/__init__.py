@@ -1,7 +1,8 @@
 """Rebalancing policies, placements and balancedness.
 
 Pure functions over tensors: no sockets, no state. See ``registry`` for policies by
-name, ``default`` for the DeepSeek/vLLM algorithm, ``placement`` for placement
+name, ``default`` for the DeepSeek/vLLM algorithm, ``incremental`` for the
+movement-aware policy, ``matching`` for stable rank labels, ``placement`` for placement
 helpers and ``balance`` for balancedness figures.
 """
 
@@ -29,12 +30,16 @@ from eplbd.policy.registry import (
     available_policies,
     get_policy,
     register_policy,
+    stable_relabel,
 )
+from eplbd.policy.incremental import IncrementalPlan, IncrementalPolicy, plan_incremental  # registers "incremental"
 
 __all__ = [
     "STRATEGIES",
     "BalanceSummary",
     "DefaultPolicy",
+    "IncrementalPlan",
+    "IncrementalPolicy",
     "Policy",
     "available_policies",
     "derive_log2phy",
@@ -42,6 +47,7 @@ __all__ = [
     "initial_placement",
     "layer_balancedness",
     "moved_slots",
+    "plan_incremental",
     "observed_balancedness",
     "predicted_balancedness",
     "preserve_local_slots",
@@ -49,6 +55,7 @@ __all__ = [
     "rebalance_experts",
     "register_policy",
     "spread_logical_load",
+    "stable_relabel",
     "summarize",
     "validate_placement",
 ]

@@ -14,7 +14,8 @@ import torch
 
 from eplbd.errors import PolicyError
 from eplbd.policy.default import rebalance_experts
-from eplbd.policy.placement import preserve_local_slots
+from eplbd.policy.matching import apply_rank_order, stable_rank_order
+from eplbd.policy.placement import _int_array, preserve_local_slots
 
 
 class Policy(ABC):
@@ -31,6 +32,7 @@ class Policy(ABC):
         num_nodes: int,
         num_gpus: int,
         old_phy2log: torch.Tensor | None = None,
+        move_budget: int | None = None,
     ) -> torch.Tensor:
         """Compute a new placement.
 
@@ -41,6 +43,9 @@ class Policy(ABC):
             num_nodes: server nodes; ``num_gpus % num_nodes == 0``.
             num_gpus: EP ranks.
             old_phy2log: [layers, num_replicas] int64, the placement in force, or None.
+            move_budget: at most this many slots (over all layers) may receive an expert
+                from another rank; None: the policy's own default. Policies that do
+                not plan around movement ignore it.
 
         Returns:
             phy2log: [layers, num_replicas] int64, every logical expert at least once,
@@ -52,10 +57,14 @@ class Policy(ABC):
 
 
 class DefaultPolicy(Policy):
-    """DeepSeek EPLB as vLLM's default policy runs it.
+    """DeepSeek EPLB as vLLM's default policy runs it, with stable rank labels.
 
-    Given ``old_phy2log``, each rank's slots are reordered so experts the rank keeps
-    stay in their old slots; which rank holds what is unchanged.
+    Given ``old_phy2log``, the plan's per-rank expert sets are first given to the old
+    ranks that already hold most of them (an exact assignment per layer; in the
+    hierarchical case whole nodes are relabelled as units and ranks only within a
+    node), then each rank's slots are reordered so experts it keeps stay in their
+    old slots. Balance is unchanged; every move that only re-labelled ranks is gone.
+    ``move_budget`` is ignored.
     """
 
     name = "default"
@@ -68,6 +77,7 @@ class DefaultPolicy(Policy):
         num_nodes: int,
         num_gpus: int,
         old_phy2log: torch.Tensor | None = None,
+        move_budget: int | None = None,
     ) -> torch.Tensor:
         phy2log, _, _ = rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus)
         if old_phy2log is None:
@@ -77,7 +87,28 @@ class DefaultPolicy(Policy):
                 f"old_phy2log shape {tuple(old_phy2log.shape)} does not match [layers, num_replicas]"
                 f" = {tuple(phy2log.shape)}"
             )
-        return preserve_local_slots(phy2log, old_phy2log, num_gpus)
+        return stable_relabel(phy2log, old_phy2log, num_groups, num_nodes, num_gpus)
+
+
+def stable_relabel(
+    phy2log: torch.Tensor, old_phy2log: torch.Tensor | np.ndarray, num_groups: int, num_nodes: int, num_gpus: int
+) -> torch.Tensor:
+    """Relabel a full re-plan's ranks (nodes as units when hierarchical) to keep what ranks hold.
+
+    Args:
+        phy2log: [layers, num_replicas] int64 plan from scratch.
+        old_phy2log: [layers, num_replicas] integer placement in force.
+        num_groups, num_nodes, num_gpus: the topology the plan was made for.
+
+    Returns:
+        [layers, num_replicas] int64 with the same per-rank sets, relabelled, kept experts in their old slots.
+    """
+    new = phy2log.numpy().astype(np.int64, copy=False)
+    old = _int_array(old_phy2log, "old_phy2log")
+    num_logical = int(max(new.max(initial=-1), old.max(initial=-1))) + 1
+    hierarchical = num_nodes > 1 and num_groups % num_nodes == 0
+    order = stable_rank_order(new, old, num_gpus, num_nodes, num_logical, hierarchical)
+    return preserve_local_slots(apply_rank_order(new, order, num_gpus), old, num_gpus)
 
 
 _POLICIES: dict[str, type[Policy]] = {}
