@@ -100,3 +100,38 @@ def test_convert_then_replay(shared_data, tmp_path):
     out = run_cli("replay", str(tmp_path / "g.npz"), "--num-gpus", "4", "--window-size", "100",
                   "--step-interval", "100")
     assert out.returncode == 0 and "default" in out.stdout
+
+
+def test_cli_compares_policies_with_bytes_and_plot(tmp_path):
+    path = tmp_path / "t.npz"
+    save_trace(path, synthetic().load)
+    png = tmp_path / "b.png"
+    out = run_cli("replay", str(path), "--num-gpus", "4", "--num-redundant", "4", "--window-size", "50",
+                  "--step-interval", "100", "--policy", "default,incremental", "--expert-bytes", "1000",
+                  "--plot", str(png))
+    assert out.returncode == 0, out.stderr
+    assert "incremental vs default:" in out.stdout and "moved GB" in out.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = run_cli("replay", str(path), "--num-gpus", "4", "--num-redundant", "4", "--window-size", "50",
+                  "--step-interval", "100", "--policy", "default,incremental", "--expert-bytes", "1000", "--json")
+    docs = json.loads(out.stdout)["results"]
+    assert [d["policy"] for d in docs] == ["default", "incremental"]
+    for d in docs:
+        assert d["moved_bytes"] == d["moved_slots"] * 1000 and d["policy_s_total"] >= 0
+        assert all("reason" in x and "moved_bytes" in x for x in d["decisions"])
+
+
+def test_plot_has_one_line_per_policy(tmp_path):
+    from PIL import Image
+
+    from eplbd.replay import plot_balancedness
+
+    trace = synthetic()
+    topo = Topology(num_layers=2, num_logical=8, num_physical=12, num_gpus=4)
+    cfg = EplbConfig(window_size=50, step_interval=100, num_redundant_experts=4, min_gain=0.0)
+    results = [replay(trace, topo, cfg, policy=p) for p in ("default", "incremental")]
+    assert results[0].per_step.shape == (400,)
+    labels = plot_balancedness(results, str(tmp_path / "p.png"))
+    assert [label.split(" ")[0] for label in labels] == ["default", "incremental", "static"]
+    with Image.open(tmp_path / "p.png") as img:
+        assert img.format == "PNG" and img.size[0] > 100 and img.size[1] > 100

@@ -70,3 +70,37 @@ def test_propose_layer_subset_and_force():
     assert prop.moved_slots[0] == 0 and prop.moved_slots[2] == 0
     with pytest.raises(InvalidArgumentError, match=r"\[7\]"):
         propose(skewed_load(), old, TOPO, CFG, layers=[7])
+
+
+def test_propose_skips_when_gain_per_transfer_second_is_too_low():
+    old = initial_placement(3, 8, 12, 4, "linear")
+    cfg = EplbConfig(min_gain=0.0, min_gain_per_transfer_s=1.0, transfer_gb_per_s=1e-6)
+    # 1 MB per expert at 1 kB/s per rank: seconds of transfer per moved slot.
+    prop = propose(skewed_load(), old, TOPO, cfg, expert_bytes=1_000_000)
+    assert not prop.accept and prop.moved_bytes == int(prop.moved_slots.sum()) * 1_000_000
+    assert "min_gain_per_transfer_s=1" in prop.reason and "GB" in prop.reason
+    assert prop.transfer_s == pytest.approx(prop.moved_bytes / (4 * 1e3))
+    # Unknown expert size: the cost rule cannot apply.
+    assert propose(skewed_load(), old, TOPO, cfg).accept
+    assert propose(skewed_load(), old, TOPO, cfg, expert_bytes=1_000_000, force=True).accept
+
+
+def test_propose_replans_only_layers_below_replan_below():
+    old = initial_placement(3, 8, 12, 4, "linear")
+    load = skewed_load()
+    before = predicted_balancedness(torch.as_tensor(load), old, 4).numpy()
+    low, nxt = np.unique(before)[:2]
+    cut = float((low + nxt) / 2)  # only the worst layer(s) fall below it
+    prop = propose(load, old, TOPO, EplbConfig(min_gain=0.0, replan_below=cut))
+    worst = np.flatnonzero(before == low).tolist()
+    assert prop.layers == worst and f"{len(worst)}/3 layer(s) below replan_below={cut:g}" in prop.reason
+    none = propose(load, old, TOPO, EplbConfig(replan_below=0.0))
+    assert not none.accept and "nothing to re-plan" in none.reason
+
+
+def test_propose_gives_incremental_its_budget_and_says_what_it_did():
+    old = initial_placement(3, 8, 12, 4, "linear")
+    prop = propose(skewed_load(), old, TOPO, EplbConfig(min_gain=0.0, move_budget=2), policy="incremental")
+    assert int(prop.moved_slots.sum()) <= 2 and "incremental:" in prop.reason
+    full = propose(skewed_load(), old, TOPO, EplbConfig(min_gain=0.0), policy="default")
+    assert prop.moved_slots.sum() < full.moved_slots.sum()
