@@ -44,7 +44,9 @@ pytestmark = pytest.mark.timeout(240)
 class StandInMoE:
     """vLLM's ``MixtureOfExperts`` surface over the reference model. Like vLLM's ``FusedMoE`` layers it
     adds each forward's per-slot counts to the load view handed over by ``set_eplb_state`` (vLLM's
-    ``EplbState.step`` zeroes it), and only while the shared should-record flag is set."""
+    ``EplbState.step`` zeroes it), and only while the shared should-record flag is set. Once
+    ``captured`` (vLLM captures CUDA graphs after loading), it keeps reading and writing the tensors it
+    was captured with, as a graph replay does, whatever ``set_eplb_state`` is called with later."""
 
     def __init__(self, inner: RefMoEModel) -> None:
         self.inner = inner
@@ -53,8 +55,11 @@ class StandInMoE:
             setattr(self, name, getattr(inner, name))
         self.num_routed_experts, self.num_shared_experts = inner.num_logical_experts, 0
         self.should_record: torch.Tensor | None = None  # EplbLayerState.should_record_tensor
+        self.captured = False
 
     def set_eplb_state(self, expert_load_view, logical_to_physical_map, logical_replica_count) -> None:
+        if self.captured:
+            return
         self.expert_load_view = expert_load_view
         self.inner.set_eplb_state(torch.zeros_like(expert_load_view, dtype=torch.int64), logical_to_physical_map,
                                   logical_replica_count)
@@ -76,8 +81,9 @@ class StandInEplbState:
         width = model.num_redundant_experts + 1
         log2phy = torch.nn.functional.pad(log2phy, (0, width - log2phy.shape[2]), value=-1)
         self.load_pass = torch.zeros(tuple(phy2log.shape), dtype=torch.int32)
-        self.model_states = {"model-hash": types.SimpleNamespace(physical_to_logical_map=phy2log.clone(),
-                                                                 expert_load_pass=self.load_pass)}
+        self.model_states = {"model-hash": types.SimpleNamespace(
+            model=model, physical_to_logical_map=phy2log.clone(), logical_to_physical_map=log2phy,
+            logical_replica_count=logcnt, expert_load_pass=self.load_pass)}
         model.set_eplb_state(self.load_pass, log2phy, logcnt)
         self.should_record_tensor = torch.zeros((), dtype=torch.bool)
         model.should_record = self.should_record_tensor
@@ -93,6 +99,7 @@ class StandInRunner:
 
     def __init__(self, parallel_config, model: StandInMoE, eplb_state: StandInEplbState) -> None:
         self.parallel_config, self.model, self.eplb_state = parallel_config, model, eplb_state
+        model.captured = True  # CUDA graphs are captured after the model and its EplbState are set up
 
     def get_model(self) -> StandInMoE:
         return self.model
@@ -187,11 +194,13 @@ class Engine:
         from eplbd.refmodel import logical_expert_weights
 
         agent = self.worker._eplbd_binding.agent
-        vllm_map = next(iter(self.runner.eplb_state.model_states.values())).physical_to_logical_map
+        vllm = next(iter(self.runner.eplb_state.model_states.values()))
+        inner = self.runner.model.inner  # routes through the tensors it was captured with: vLLM's
         return {"bad_slots": placement_check(self.runner.model.expert_weights, logical_expert_weights(self.cfg),
                                              agent.phy2log, self.worker.rank, self.cfg.num_local_physical),
-                "vllm_map_in_step": torch.equal(vllm_map, agent.phy2log),
-                "routing_in_step": torch.equal(self.runner.model.inner.log2phy, agent.log2phy)}
+                "vllm_map_in_step": torch.equal(vllm.physical_to_logical_map, agent.phy2log),
+                "routing_in_step": inner.log2phy is vllm.logical_to_physical_map
+                and torch.equal(inner.log2phy, agent.log2phy) and torch.equal(inner.logcnt, agent.logcnt)}
 
 
 def _worker_main(rank: int, port: int, commands, replies) -> None:

@@ -11,10 +11,10 @@ so the methods below run inside every worker process and see ``self.model_runner
     llm.collective_rpc("eplbd_stats")   # one dict per rank
 
 ``eplbd_start`` builds a ``PlacementAgent`` over the model's ``MixtureOfExperts`` surface
-(``expert_weights``, ``num_*_experts``, ``set_eplb_state``): the agent hands the model its own
-placement tensors (``logical_to_physical_map``, ``logical_replica_count``) and load view, the
-MoE layers route through them and count tokens per slot into the view, and the agent streams
-that load to the daemon and applies its plans at agreed step boundaries.
+(``expert_weights``, ``num_*_experts``, ``set_eplb_state``): the MoE layers route through the
+placement tensors (``logical_to_physical_map``, ``logical_replica_count``) and count tokens per
+slot into the load view, and the agent streams that load to the daemon and applies its plans
+(weights and placement tensors, in place) at step boundaries all ranks agree on.
 
 **Why vLLM's EPLB must be enabled, and how it is kept off.** In vLLM only the EPLB code path
 makes the MoE layers map logical to physical experts and record load (``enable_eplb`` decides it
@@ -24,9 +24,15 @@ per layer), and ``num_redundant_experts > 0`` is rejected without it. So the ada
 idle data-parallel ranks included, on every EP rank in lockstep. The replacement records the
 step's load, runs the agent's in-band commit and zeroes the view; ``EplbState.step`` never runs
 again, so vLLM never rearranges anything. The placement to start from is read from vLLM's
-``EplbState`` (what the weights were loaded in), and vLLM's copy of ``physical_to_logical_map``
-is kept equal to the agent's after each commit. A runner without ``eplb_step`` gets its
+``EplbState`` (what the weights were loaded in). A runner without ``eplb_step`` gets its
 ``execute_model`` wrapped instead (dummy steps then go unseen, so use it only without idle ranks).
+
+**vLLM's tensors stay the ones the layers use.** CUDA graphs captured at start-up read the
+placement and add to ``expert_load_pass`` at the addresses of vLLM's own tensors. So once the
+agent has set up its own, the model is handed vLLM's back (``set_eplb_state`` again), and the hook
+copies vLLM's load pass into the agent's view every step and the agent's placement into vLLM's
+tensors, in place, whenever a commit applied layers: the weights move in the same step boundary,
+so no forward sees one without the other.
 
 Requirements checked by ``eplbd_start`` (each refusal names the setting to change):
 ``enable_expert_parallel`` and ``enable_eplb`` on, ``eplb_config.use_async`` off (eplbd stages
@@ -127,31 +133,49 @@ def find_moe_model(model: Any) -> Any:
                                f"(missing {', '.join(missing) or 'MoE layers'})")
 
 
-def _engine_maps(eplb_state: Any) -> list[torch.Tensor]:
-    """vLLM's ``physical_to_logical_map`` tensors: one per registered model (``EplbState.model_states``,
-    recent vLLM) or the state's own (older vLLM). Empty without an ``EplbState``."""
+_ENGINE_TENSORS = ("physical_to_logical_map", "logical_to_physical_map", "logical_replica_count", "expert_load_pass")
+
+
+def engine_state(eplb_state: Any, model: Any) -> Any:
+    """vLLM's per-model EPLB tensors for ``model``: the ``EplbModelState`` in ``EplbState.model_states``
+    (recent vLLM; matched by ``.model`` when there are several, e.g. with an MoE drafter) or the
+    ``EplbState`` itself (older vLLM). None without an ``EplbState``."""
+    holders = _holders(eplb_state)
+    mine = [h for h in holders if getattr(h, "model", None) is model]
+    return (mine or holders[:1] or [None])[0]
+
+
+def _holders(eplb_state: Any) -> list[Any]:
+    """The objects holding vLLM's per-model EPLB tensors (all of ``_ENGINE_TENSORS``)."""
     if eplb_state is None:
         return []
     states = getattr(eplb_state, "model_states", None)
     holders = list(states.values()) if isinstance(states, dict) else [eplb_state]
-    return [h.physical_to_logical_map for h in holders if isinstance(getattr(h, "physical_to_logical_map", None),
-                                                                     torch.Tensor)]
+    return [h for h in holders if all(isinstance(getattr(h, n, None), torch.Tensor) for n in _ENGINE_TENSORS)]
 
 
-def current_placement(model: Any, eplb_state: Any, ep_size: int) -> torch.Tensor:
+def current_placement(model: Any, engine: Any, ep_size: int) -> torch.Tensor:
     """``[layers, num_physical]`` placement the weights are in now: vLLM's map, else its initial layout."""
     from eplbd.policy import initial_placement
 
     L, P = model.num_moe_layers, model.num_physical_experts
-    for m in _engine_maps(eplb_state):
-        if tuple(m.shape) == (L, P):
-            return m.detach().to("cpu", torch.int64).clone()
+    if engine is not None and tuple(engine.physical_to_logical_map.shape) == (L, P):
+        return engine.physical_to_logical_map.detach().to("cpu", torch.int64).clone()
     return initial_placement(L, model.num_logical_experts, P, ep_size, "linear")
 
 
-def _keep_recording(eplb_state: Any) -> None:
-    """Recent vLLM gates load recording on a shared flag that only ``EplbState.step`` updates; that step
-    no longer runs, so the flag is set once, for good."""
+def keep_engine_tensors(eplb_state: Any, model: Any, engine: Any) -> None:
+    """Give the model back vLLM's own EPLB tensors after the agent handed it its own.
+
+    CUDA graphs captured at start-up read the placement and write the load at the addresses of
+    vLLM's tensors, so those must stay the ones every path uses; the agent's are mirrored into
+    them (``Binding``). Recent vLLM also gates recording on a shared flag that only
+    ``EplbState.step`` updates: it is propagated to the layers again and set for good.
+    """
+    model.set_eplb_state(engine.expert_load_pass, engine.logical_to_physical_map, engine.logical_replica_count)
+    propagate = getattr(eplb_state, "_init_should_record_tensor", None)
+    if callable(propagate):
+        propagate(model)
     flag = getattr(eplb_state, "should_record_tensor", None)
     if isinstance(flag, torch.Tensor):
         flag.fill_(True)
@@ -182,20 +206,22 @@ class Binding:
     """What ``eplbd_start`` built in one worker; ``step`` is the hook. ``agent`` is None once stopped.
 
     Attributes:
-        view: ``[layers, num_physical]`` load view the model's layers add to (the agent's ``load_view``).
-        engine_maps: vLLM's own ``physical_to_logical_map`` copies, kept equal to the agent's placement.
+        engine: vLLM's EPLB tensors for this model (``engine_state``), which the model's layers use;
+            None when the runner has no ``EplbState`` (then the layers use the agent's tensors).
+        loads: every load tensor vLLM's layers add to (drafter models included): zeroed each step.
     """
 
     agent: Any
-    view: torch.Tensor
-    engine_maps: list[torch.Tensor]
+    engine: Any
+    loads: list[torch.Tensor]
     hooked: str = ""
     steps: int = 0
     dummy_steps: int = 0
     _applied: int = 0
 
     def step(self, is_dummy: bool = False, is_profile: bool = False) -> None:
-        """After a forward step: record the load, commit in-band, zero the view (vLLM's layers add to it).
+        """After a forward step: take the step's load, commit in-band, mirror a new placement into vLLM's
+        tensors, zero the load (vLLM's layers add to it).
 
         A profile run (vLLM's memory profiling) is not a step; a dummy step (an idle DP rank) is one,
         with its load zeroed, so every rank keeps counting the same steps.
@@ -204,16 +230,27 @@ class Binding:
             return
         agent = self.agent
         if agent is not None:
+            if self.engine is not None:
+                agent.load_view.copy_(self.engine.expert_load_pass)
             if is_dummy:
-                self.view.zero_()
+                agent.load_view.zero_()
                 self.dummy_steps += 1
             agent.after_step(self.steps)
-            if agent.stats.layers_applied != self._applied:
+            if self.engine is not None and agent.stats.layers_applied != self._applied:
                 self._applied = agent.stats.layers_applied
-                for m in self.engine_maps:
-                    m.copy_(agent.phy2log.to(m.device, m.dtype))
-        self.view.zero_()
+                self.mirror()
+            agent.load_view.zero_()
+        for t in self.loads:
+            t.zero_()
         self.steps += 1
+
+    def mirror(self) -> None:
+        """Copy the agent's placement tensors into vLLM's, in place (vLLM's ``log2phy`` may be wider)."""
+        a, e = self.agent, self.engine
+        e.physical_to_logical_map.copy_(a.phy2log)
+        e.logical_to_physical_map[..., :a.log2phy.shape[-1]].copy_(a.log2phy)
+        e.logical_to_physical_map[..., a.log2phy.shape[-1]:].fill_(-1)
+        e.logical_replica_count.copy_(a.logcnt)
 
     def stats(self) -> dict[str, Any]:
         if self.agent is None:
@@ -270,12 +307,15 @@ class EplbdWorkerExtension:
             raise InvalidArgumentError(f"eplbd needs the EP group to be the whole torch.distributed world: EP size "
                                        f"{ep_size}, world {world}")
         eplb_state = getattr(runner, "eplb_state", None)
-        phy2log = current_placement(model, eplb_state, ep_size)
+        engine = engine_state(eplb_state, model)
         agent = PlacementAgent(model, rank=dist.get_rank(), ep_size=ep_size, rpc=rpc, ingest=ingest,
-                               phy2log=phy2log, **kwargs)
-        _keep_recording(eplb_state)
-        self._eplbd_binding = Binding(agent, agent.load_view, _engine_maps(eplb_state))
-        self._eplbd_binding.hooked = install_step_hook(runner, self.eplbd_after_step)
+                               phy2log=current_placement(model, engine, ep_size), **kwargs)
+        loads = [h.expert_load_pass for h in _holders(eplb_state)] or [agent.load_view]
+        binding = self._eplbd_binding = Binding(agent, engine, loads)
+        if engine is not None:
+            keep_engine_tensors(eplb_state, model, engine)
+            binding.mirror()
+        binding.hooked = install_step_hook(runner, self.eplbd_after_step)
         agent.start()
         log.info("rank %d: eplbd agent started (EP size %d, hooked %s, communicator %s)", agent.rank, ep_size,
                  self._eplbd_binding.hooked, agent.communicator)
