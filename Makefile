@@ -20,13 +20,14 @@ demo: $(STAMP)
 	$(BIN)/eplbd demo --trace $(TRACE)
 
 replay: $(STAMP)
-	$(BIN)/eplbd replay $(TRACE) --num-gpus 8 --num-redundant 8 --window-size 200 --step-interval 200 --policy default
+	$(BIN)/eplbd replay $(TRACE) --num-gpus 8 --num-redundant 8 --window-size 200 --step-interval 200 --policy default,incremental --expert-bytes 24883200
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_policy.py
+	$(BIN)/python benchmarks/bench_policy_movement.py
 	$(BIN)/python benchmarks/bench_reporter.py
 	$(BIN)/python benchmarks/bench_rearrange.py
 
