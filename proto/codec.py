@@ -30,7 +30,8 @@ and do not assume they are aligned to their item size (zmq packs small frames
 back to back in its receive buffer; torch's CPU kernels do not need alignment).
 
 Nothing is ever pickled. Before any tensor is made, the decoder checks the
-envelope version, the frame count against ``n_tensors``, every frame against
+frame count against ``MAX_TENSOR_FRAMES``, the envelope version, the frame count
+against ``n_tensors``, every frame against
 ``max_frame_bytes``, and for each tensor reference the dtype (allow-list), the
 declared size (against ``max_frame_bytes``, computed, never allocated) and the
 frame length. Every failure is a ``ProtocolError`` subclass from
@@ -82,6 +83,9 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in WIRE_DTYPES.items()}
 _MAX_NDIM = 16
+# No message has more than a few tensors; a peer sending thousands of frames is refused
+# before a view of any of them is made.
+MAX_TENSOR_FRAMES = 64
 
 Frame = Union[bytes, bytearray, memoryview, zmq.Frame]
 
@@ -269,6 +273,8 @@ class Decoder:
         """
         if len(frames) == 0:
             raise FrameCountError("got 0 frames, expected at least the header frame")
+        if len(frames) > 1 + MAX_TENSOR_FRAMES:
+            raise FrameCountError(f"got {len(frames)} frames, more than 1 + {MAX_TENSOR_FRAMES} tensor frames")
         views = [_as_memoryview(f, i) for i, f in enumerate(frames)]
         for i, mv in enumerate(views):
             if mv.nbytes > self.max_frame_bytes:
@@ -313,7 +319,7 @@ class Decoder:
         except (msgspec.DecodeError, RecursionError, ValueError):
             tag = ""
         if tag and tag not in self._tags:
-            return UnknownMessageError(f"unknown message type {tag!r}")
+            return UnknownMessageError(f"unknown message type {tag!r:.80}")
         return DecodeError(f"invalid {tag or 'message'}: {exc}")
 
     def _dec_hook(self, typ: type, obj: Any) -> Any:
@@ -368,4 +374,4 @@ class Decoder:
         return raw.view(dtype).view(ref.shape)
 
 
-__all__ = ["DEFAULT_MAX_FRAME_BYTES", "WIRE_DTYPES", "Decoder", "Encoder", "Frame"]
+__all__ = ["DEFAULT_MAX_FRAME_BYTES", "MAX_TENSOR_FRAMES", "WIRE_DTYPES", "Decoder", "Encoder", "Frame"]

@@ -44,6 +44,9 @@ class RegisterWorker(MessageBase):
     step: int = 0  # the engine's current step, so a re-registering rank resumes counting
     hostname: str = ""
     pid: int = 0
+    # The highest plan id this rank has seen: a daemon that lost its state numbers new plans
+    # above it, so a rank can tell a stale or replayed plan from a new one by its id alone.
+    last_plan_id: int = 0
 
     def __post_init__(self) -> None:
         check_tensor("RegisterWorker.phy2log", self.phy2log, 2, (torch.int64,))
@@ -105,6 +108,12 @@ class LoadReport(MessageBase):
 
     def __post_init__(self) -> None:
         check_tensor("LoadReport.load", self.load, 3, INT_DTYPES)
+        # Counters the daemon adds up: a negative one would subtract from them.
+        if self.seq < 0 or self.dropped_steps < 0 or self.layers_applied < -1:
+            raise InvalidArgumentError(
+                f"LoadReport seq={self.seq}, dropped_steps={self.dropped_steps} must be >= 0 and "
+                f"layers_applied={self.layers_applied} >= -1"
+            )
 
     @property
     def num_steps(self) -> int:
@@ -178,7 +187,8 @@ class Ack(MessageBase):
 class Abort(MessageBase):
     """Either way: plan ``plan_id`` is abandoned; the old placement keeps serving.
 
-    ``rank`` is the rank that failed (-1: the daemon or an operator aborted).
+    ``rank`` is the rank that failed (-1: the daemon or an operator aborted). ``peer`` (worker ->
+    daemon): the rank a failed transfer was with, if known (-1 otherwise).
 
     ``keep_layers`` (daemon -> workers only): layers the daemon had already permitted.
     A permission is never taken back (some ranks may have applied them), so those
@@ -191,3 +201,4 @@ class Abort(MessageBase):
     reason: str
     rank: int = -1
     keep_layers: list[int] = msgspec.field(default_factory=list)
+    peer: int = -1
