@@ -20,6 +20,13 @@ forward pass. Everything slow happens elsewhere:
 
 No step ever waits for the daemon: with the daemon gone the engine keeps serving on its
 last placement (load reports are dropped and counted, the agent keeps reconnecting).
+A daemon that comes back without this rank (it restarted) cannot finish the plan in
+flight, so the ranks settle it among themselves at a commit boundary: every rank marks
+it orphaned, and once all have (and no granted staging is pending) they all apply the
+layers staged and permitted everywhere and end the plan there, in the same step, then
+register with the placement they run (the daemon adopts it). Plan ids only grow (a rank
+registers with the highest it has seen), so a duplicated, replayed or stale plan is
+recognised by its id and ignored.
 A plan whose base epoch is not this rank's epoch is refused; a failed transfer is
 reported to the daemon, which aborts the plan on every rank (layers it had already
 permitted are still applied: see ``proto.Abort.keep_layers``).
@@ -33,8 +40,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import datetime
 import logging
+import os
 import random
+import signal
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -42,13 +52,14 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from eplbd.chaos import MessageChaos
 from eplbd.client.comm.base import Communicator
 from eplbd.client.reporter import LoadReporter
 from eplbd.client.schedule import LayerSchedule, plan_schedules
 from eplbd.client.streams import StagingStream
 from eplbd.client.worker import WorkerLink
 from eplbd.errors import EplbdError, InvalidArgumentError, NotRegisteredError, UnavailableError
-from eplbd.proto import Abort, Commit, Plan
+from eplbd.proto import Abort, Commit, CurveKeys, Plan
 
 log = logging.getLogger("eplbd.agent")
 
@@ -57,26 +68,65 @@ COMMUNICATORS = ("auto", "torch_gloo", "nixl", "torch_nccl")
 
 @dataclasses.dataclass
 class Chaos:
-    """Fault injection for tests: random delays before handling each message from the daemon
-    and before each transfer batch, and an optional failure on the n-th batch."""
+    """Fault injection for tests.
+
+    Attributes:
+        max_delay_s: random delay before handling each message from the daemon and before each
+            transfer batch.
+        fail_batch: the n-th transfer batch of this rank fails (as a corrupted transfer would).
+        kill_batch: this process kills itself (SIGKILL) when its n-th transfer batch starts, so
+            the peer of that batch is left mid-transfer.
+        dup_p, reorder_p: messages to the daemon (LayerReady, Ack, Abort) are duplicated /
+            sent after the next one with these probabilities (``eplbd.chaos.MessageChaos``).
+        report_delay_s: the load sender sleeps this long before each report (a slow rank).
+    """
 
     max_delay_s: float = 0.0
     seed: int = 0
     fail_batch: int = -1
+    kill_batch: int = -1
+    dup_p: float = 0.0
+    reorder_p: float = 0.0
+    report_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
         self._batches = 0
+        self.messages = MessageChaos(dup_p=self.dup_p, reorder_p=self.reorder_p, seed=self.seed)
 
     def delay(self) -> None:
         if self.max_delay_s > 0:
             time.sleep(self._rng.uniform(0, self.max_delay_s))
+
+    def before_batch(self) -> None:
+        """Before a transfer batch: the random delay, and the kill of ``kill_batch``."""
+        self.delay()
+        if self._batches + 1 == self.kill_batch:
+            log.warning("chaos: killing this process (pid %d) at transfer batch %d", os.getpid(), self.kill_batch)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def check_batch(self) -> None:
         """After a batch: fail the ``fail_batch``-th one (as a corrupted or partial transfer would)."""
         self._batches += 1
         if self._batches == self.fail_batch:
             raise EplbdError(f"injected transfer failure on batch {self._batches}")
+
+
+class ThrottledReporter(LoadReporter):
+    """A ``LoadReporter`` whose sender sleeps ``delay_s`` before each report (``Chaos.report_delay_s``):
+    a slow rank for tests. ``sent_steps`` lists ``(first_step, steps)`` of every report that got out."""
+
+    def __init__(self, *args: Any, delay_s: float, **kwargs: Any) -> None:
+        self.delay_s = delay_s
+        self.sent_steps: list[tuple[int, int]] = []
+        super().__init__(*args, **kwargs)
+
+    def _send(self, slots: list[int], first_step: int, tag: tuple[int, int], events: list) -> None:
+        time.sleep(self.delay_s)
+        before = self.steps_sent
+        super()._send(slots, first_step, tag, events)
+        if self.steps_sent != before:
+            self.sent_steps.append((first_step, len(slots)))
 
 
 @dataclasses.dataclass
@@ -87,6 +137,9 @@ class AgentStats:
     plans_committed: int = 0
     plans_aborted: int = 0
     plans_refused: int = 0
+    plans_stale: int = 0  # duplicated or replayed plans ignored (id not above the highest seen)
+    plans_orphaned: int = 0  # plans the daemon forgot (it restarted), settled among the ranks
+    applied_plans: list[int] = dataclasses.field(default_factory=list)  # plan ids applied, in order
     layers_applied: int = 0
     slots_changed: int = 0  # local slots whose expert changed at commit
     experts_received: int = 0  # remote transfers into this rank
@@ -113,6 +166,7 @@ class _Active:
         self.applied = 0
         self.failed = ""  # a transfer failed here: no more grants for this plan, anywhere
         self.aborted = False  # the daemon aborted it (nothing kept): dropped once granted staging is done
+        self.orphaned = ""  # the daemon that pushed it is gone: the ranks end it in-band (see _cadence)
 
     @property
     def permitted_prefix(self) -> int:
@@ -124,9 +178,20 @@ class _Active:
     def ready(self) -> int:
         return min(self.staged, self.permitted_prefix)
 
+    @property
+    def flagged(self) -> bool:
+        """No more layers of this plan may be granted, on any rank."""
+        return bool(self.failed or self.aborted or self.orphaned)
 
-def make_communicator(name: str, rank: int, world_size: int, group: Any) -> Communicator:
-    """``auto``: nixl if it is importable and can make an agent here, else torch_gloo."""
+    @property
+    def closable(self) -> bool:
+        """Orphaned, and this rank runs no granted staging a peer may be waiting on."""
+        return bool(self.orphaned) and self.started >= self.granted
+
+
+def make_communicator(name: str, rank: int, world_size: int, group: Any, *, timeout_s: float = 60.0) -> Communicator:
+    """``auto``: nixl if it is importable and can make an agent here, else torch_gloo. ``timeout_s`` bounds
+    one transfer batch (gloo, nixl): a dead peer fails the batch instead of hanging it."""
     if name not in COMMUNICATORS:
         raise InvalidArgumentError(f"communicator {name!r} is not one of {', '.join(COMMUNICATORS)}")
     if name == "auto":
@@ -134,12 +199,12 @@ def make_communicator(name: str, rank: int, world_size: int, group: Any) -> Comm
         name = "nixl" if nixl_available() is None else "torch_gloo"
     if name == "nixl":
         from eplbd.client.comm.nixl import NixlCommunicator
-        return NixlCommunicator(rank, world_size, group)
+        return NixlCommunicator(rank, world_size, group, timeout_s=timeout_s)
     if name == "torch_nccl":
         from eplbd.client.comm.nccl import NcclCommunicator
         return NcclCommunicator(rank, world_size, group)
     from eplbd.client.comm.gloo import GlooCommunicator
-    return GlooCommunicator(rank, world_size, group)
+    return GlooCommunicator(rank, world_size, group, timeout_s=timeout_s)
 
 
 class PlacementAgent:
@@ -160,6 +225,12 @@ class PlacementAgent:
         staging_budget_bytes: memory for staging layers (at least one layer is always allocated);
             None: two layers.
         chaos: fault injection for tests.
+        collective_timeout_s: bound on the agent's collectives (the in-band commit all-reduce, one
+            transfer batch): a dead peer makes them fail within it instead of hanging the rank.
+        report_max_pending_steps: the reporter's bound on steps waiting to be sent (``LoadReporter``).
+        curve: a worker key pair and the daemon's public key, for a daemon with CURVE on
+            (``CurveKeys.from_files(...)``); used by the link and the reporter. None: the key files
+            named by ``$EPLBD_CURVE_CLIENT_KEY`` / ``$EPLBD_CURVE_SERVER_KEY`` if set, else no CURVE.
 
     Must be constructed on every rank of the EP group in the same order (it creates two
     gloo process groups: one for transfers, one for the commit all-reduce).
@@ -169,7 +240,8 @@ class PlacementAgent:
                  epoch: int = 0, commit_interval_steps: int = 16, communicator: str = "auto",
                  use_async: bool = True, staging_budget_bytes: int | None = None, node: int = 0,
                  num_nodes: int = 1, heartbeat_s: float = 1.0, timeout: float = 5.0,
-                 report_batch_steps: int = 8, chaos: Chaos | None = None) -> None:
+                 report_batch_steps: int = 8, chaos: Chaos | None = None, curve: CurveKeys | None = None,
+                 collective_timeout_s: float = 60.0, report_max_pending_steps: int = 1024) -> None:
         if commit_interval_steps <= 0:
             raise InvalidArgumentError(f"commit_interval_steps must be positive, got {commit_interval_steps}")
         if use_async and communicator == "torch_nccl":
@@ -203,14 +275,19 @@ class PlacementAgent:
         self.staging = [[torch.empty_like(t) for t in live[0]] for _ in range(nbuf)]
         self._free = list(range(nbuf))
         self._streams = StagingStream(device)
-        self._xfer_group = dist.new_group(backend="gloo")
-        self._ctl_group = dist.new_group(backend="gloo")
-        self.comm = make_communicator(communicator, rank, ep_size, self._xfer_group)
+        group_timeout = datetime.timedelta(seconds=collective_timeout_s)
+        self._xfer_group = dist.new_group(backend="gloo", timeout=group_timeout)
+        self._ctl_group = dist.new_group(backend="gloo", timeout=group_timeout)
+        self.comm = make_communicator(communicator, rank, ep_size, self._xfer_group, timeout_s=collective_timeout_s)
         self.comm.setup(live, self.staging)
         self.communicator = self.comm.name
 
-        self.link = WorkerLink(rpc, ingest, rank, timeout=timeout)
-        self.reporter = LoadReporter(ingest, rank, num_layers=L, num_physical=P, batch_steps=report_batch_steps)
+        curve = curve if curve is not None else CurveKeys.from_env()
+        self.link = WorkerLink(rpc, ingest, rank, timeout=timeout, curve=curve)
+        reporter_args = dict(num_layers=L, num_physical=P, batch_steps=report_batch_steps,
+                             max_pending_steps=report_max_pending_steps, curve=curve)
+        self.reporter = ThrottledReporter(ingest, rank, delay_s=self.chaos.report_delay_s, **reporter_args) \
+            if self.chaos.report_delay_s > 0 else LoadReporter(ingest, rank, **reporter_args)
         self._reg_args = dict(ep_size=ep_size, num_layers=L, num_logical=E, num_physical=P,
                               num_groups=model.num_expert_groups, num_nodes=num_nodes, node=node,
                               expert_bytes=layer_bytes // self.num_local, communicator=self.comm.name)
@@ -218,6 +295,7 @@ class PlacementAgent:
         self._active: _Active | None = None
         self._outbox: collections.deque[Callable[[], None]] = collections.deque()
         self._registered = False
+        self._max_plan_id = 0  # the highest plan id seen: a plan not above it is stale or a duplicate
         self._step = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"eplbd-agent-r{rank}", daemon=True)
@@ -226,6 +304,12 @@ class PlacementAgent:
     def start(self) -> "PlacementAgent":
         self._thread.start()
         return self
+
+    @property
+    def plan_in_flight(self) -> int | None:
+        """The id of the plan this rank is staging or applying (None: none)."""
+        a = self._active
+        return None if a is None else a.plan.plan_id
 
     def after_step(self, step: int) -> None:
         """Call after every forward pass, on every rank, with the same step numbers."""
@@ -241,25 +325,39 @@ class PlacementAgent:
     def _cadence(self, step: int) -> tuple[int, int]:
         """The in-band agreement, at a commit boundary, on every rank.
 
-        One all-reduce (MIN) over the EP group of ``(-plan, plan, ready, can_start, -flag)``:
+        One all-reduce (MIN) over the EP group of ``(-plan, plan, ready, can_start, -flag, close)``:
         ``ready`` = layers staged here and permitted by the daemon, ``can_start`` = layers this
-        rank has staging memory for, ``flag`` = a transfer failed or the daemon aborted. Every rank
-        gets the same result, so every rank applies the same layers and starts staging the same
-        next layers: no rank ever waits for a peer that will not come. Runs under the agent's
-        lock, so an abort arriving meanwhile sees the grant. Returns (layers applied, granted).
+        rank has staging memory for, ``flag`` = a transfer failed, the daemon aborted, or the plan
+        is orphaned, ``close`` = the plan is orphaned and idle here. Every rank gets the same
+        result, so every rank applies the same layers and starts staging the same next layers
+        (no rank ever waits for a peer that will not come), and ends an orphaned plan at the
+        same boundary. Runs under the agent's lock, so an abort arriving meanwhile sees the grant.
+
+        Returns:
+            (layers applied, layers granted).
+
+        Raises:
+            UnavailableError: the all-reduce failed or timed out (a peer died): nothing was applied.
         """
         with self._lock:
             a = self._active
             if a is None:
-                vec = [1, -1, 0, 0, 0]
+                vec = [1, -1, 0, 0, 0, 1]
             else:
-                flag = bool(a.failed or a.aborted)
-                can = 0 if flag else min(len(self._free), len(a.layers) - a.granted)
-                vec = [-a.plan.plan_id, a.plan.plan_id, a.ready(), can, -int(flag)]
+                can = 0 if a.flagged else min(len(self._free), len(a.layers) - a.granted)
+                vec = [-a.plan.plan_id, a.plan.plan_id, a.ready(), can, -int(a.flagged), int(a.closable)]
             t = torch.tensor(vec, dtype=torch.int64)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self._ctl_group)
-            neg_max, low, n, grant, neg_flag = (int(x) for x in t)
-            if a is None or low != -neg_max or low != a.plan.plan_id:
+            try:
+                dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self._ctl_group)
+            except RuntimeError as exc:  # a peer died or the group timed out: nothing is applied here
+                raise self._group_broken(a, exc) from None
+            neg_max, low, n, grant, neg_flag, close = (int(x) for x in t)
+            if a is None:
+                return 0, 0
+            if low != -neg_max or low != a.plan.plan_id:
+                # Not every rank holds this plan, so none can apply any of it any more.
+                if a.closable:
+                    self._close(a)
                 return 0, 0
             done: list[int] = []
             if n > a.applied:
@@ -271,11 +369,37 @@ class PlacementAgent:
                     self._finish(a)
                 else:
                     self.tag = (a.plan.epoch, a.applied)
+            if close and self._active is a:
+                self._close(a)
             if neg_flag == 0 and grant > 0:
                 a.granted += grant
             else:
                 grant = 0
         return len(done), grant
+
+    def _group_broken(self, a: _Active | None, exc: Exception) -> UnavailableError:
+        """The commit all-reduce failed: flag the plan (the daemon hears of it) and say so to the engine."""
+        reason = f"rank {self.rank}: the in-band commit agreement failed (a peer died or timed out): {exc}"
+        if a is not None and not a.flagged:
+            a.failed = reason
+            self._outbox.append(lambda: self.link.abort(a.plan.plan_id, a.plan.epoch, reason))
+        log.error("%s", reason)
+        return UnavailableError(reason)
+
+    def _close(self, a: _Active) -> None:
+        """Under the lock, on every rank at the same boundary: end an orphaned plan where it stands.
+        With layers applied it ends as a plan of those layers (epoch advances, like a truncating
+        abort); with none it is dropped and the rank stays on its placement."""
+        self.stats.plans_orphaned += 1
+        log.warning("rank %d: plan %d orphaned (%s); ending it with %d of its layers applied",
+                    self.rank, a.plan.plan_id, a.orphaned, a.applied)
+        if a.applied:
+            a.layers = a.layers[:a.applied]
+            self._release_unneeded(a)
+            self._finish(a)
+        else:
+            a.aborted = True
+            self._release_unneeded(a)
 
     def _apply(self, a: _Active, n: int) -> list[int]:
         """Copy staged layers ``a.applied..n-1`` into the live slots and the placement tensors."""
@@ -318,6 +442,7 @@ class PlacementAgent:
         self.tag = (self.epoch, -1)
         self._active = None
         self.stats.plans_committed += 1
+        self.stats.applied_plans.append(a.plan.plan_id)
         self.reporter.flush()
         log.info("rank %d: plan %d applied, epoch %d", self.rank, a.plan.plan_id, self.epoch)
 
@@ -337,7 +462,7 @@ class PlacementAgent:
             self._stage_granted(a)
             while True:  # the daemon's permission arrives on the agent thread
                 with self._lock:
-                    if (a.failed or a.aborted or a.ready() > a.applied or a.staged <= a.applied
+                    if (a.flagged or a.ready() > a.applied or a.staged <= a.applied
                             or time.monotonic() > deadline):
                         break
                 time.sleep(0.0005)
@@ -349,7 +474,8 @@ class PlacementAgent:
         while not self._stop.is_set():
             try:
                 if not self._registered:
-                    self._register()
+                    if self._settle_before_registering():
+                        self._register()
                     continue
                 self._drain_outbox()
                 msg = self.link.poll_pushed(0.005)
@@ -364,6 +490,7 @@ class PlacementAgent:
             except NotRegisteredError:
                 log.warning("rank %d: daemon does not know this rank (restarted?); registering again", self.rank)
                 self._registered = False
+                self._orphan("the daemon no longer knows this rank (it restarted?)")
             except EplbdError as exc:  # daemon unreachable: keep serving, retry
                 log.info("rank %d: daemon unavailable: %s", self.rank, exc)
                 self._stop.wait(0.2)
@@ -371,17 +498,41 @@ class PlacementAgent:
                 log.exception("rank %d: agent thread error", self.rank)
                 self._stop.wait(0.2)
 
+    def _orphan(self, reason: str) -> None:
+        """The daemon lost this rank, so it cannot finish the plan in flight: flag it for the in-band end."""
+        with self._lock:
+            a = self._active
+            if a is not None and not a.orphaned:
+                a.orphaned = reason
+                log.warning("rank %d: plan %d orphaned: %s", self.rank, a.plan.plan_id, reason)
+
+    def _settle_before_registering(self) -> bool:
+        """Register only without a plan in flight: the placement registered is then the one every rank
+        runs. An orphaned plan ends at a commit boundary (``_cadence``), for all ranks at once; the
+        engine keeps stepping meanwhile. Granted staging keeps running (peers wait on it)."""
+        with self._lock:
+            a = self._active
+        if a is None:
+            return True
+        if self.use_async:
+            self._maybe_stage()
+        self._stop.wait(0.01)
+        return False
+
     def _register(self) -> None:
         with self._lock:
             phy2log, epoch = self.phy2log.cpu().clone(), self.epoch
         try:
-            reg = self.link.register(epoch=epoch, phy2log=phy2log, step=self._step, **self._reg_args)
+            reg = self.link.register(epoch=epoch, phy2log=phy2log, step=self._step, last_plan_id=self._max_plan_id,
+                                     **self._reg_args)
         except EplbdError as exc:
             log.info("rank %d: registration failed (%s); retrying", self.rank, exc)
             self._stop.wait(0.5)
             return
         self.stats.registrations += 1
         self._registered = True
+        # Whatever was queued for the daemon before belongs to plans it no longer knows.
+        self._outbox.clear()
         self.reporter.set_identity(self.link.worker_id)
         if reg.commit_interval_steps and reg.commit_interval_steps != self.commit_interval:
             log.warning("rank %d: daemon's commit_interval_steps %d differs from this group's %d; using %d",
@@ -390,20 +541,26 @@ class PlacementAgent:
             self._on_pushed(reg.plan)
 
     def _drain_outbox(self) -> None:
-        """Send what the engine thread queued, in order. A send that fails because the daemon is
-        unreachable stays queued (raised to ``_run``, retried); any other failure drops it, logged."""
+        """Send what the engine thread queued, in order (``Chaos`` may duplicate or reorder). A send
+        that fails because the daemon is unreachable stays queued (raised to ``_run``, retried); any
+        other failure drops it, logged."""
+        chaos = self.chaos.messages if self.chaos.messages.active else None
+        if chaos is not None:
+            self._outbox.extendleft(m for _, m in chaos.due(time.monotonic()))
         while self._outbox:
-            try:
-                self._outbox[0]()
-            except EplbdError as exc:
-                if not isinstance(exc, (UnavailableError, NotRegisteredError)):
-                    log.warning("rank %d: daemon refused a message: %s", self.rank, exc)
-                    self._outbox.popleft()
-                    continue
-                raise
-            except Exception:
-                log.exception("rank %d: dropping a message to the daemon", self.rank)
-            self._outbox.popleft()
+            item = self._outbox.popleft()
+            sends = [item] if chaos is None else chaos.process(0, item, time.monotonic())
+            for i, send in enumerate(sends):
+                try:
+                    send()
+                except EplbdError as exc:
+                    if not isinstance(exc, (UnavailableError, NotRegisteredError)):
+                        log.warning("rank %d: daemon refused a message: %s", self.rank, exc)
+                        continue
+                    self._outbox.extendleft(reversed(sends[i:]))
+                    raise
+                except Exception:
+                    log.exception("rank %d: dropping a message to the daemon", self.rank)
 
     def _on_pushed(self, msg: Any) -> None:
         if isinstance(msg, Plan):
@@ -417,11 +574,15 @@ class PlacementAgent:
             self._on_abort(msg)
 
     def _on_plan(self, plan: Plan) -> None:
-        self.stats.plans_received += 1
         with self._lock:
+            if plan.plan_id <= self._max_plan_id:
+                self.stats.plans_stale += 1  # a duplicate, or replayed from before: never applied
+                log.info("rank %d: ignoring plan %d (already seen plan %d)", self.rank, plan.plan_id,
+                         self._max_plan_id)
+                return
+            self._max_plan_id = plan.plan_id
+            self.stats.plans_received += 1
             a = self._active
-            if a is not None and a.plan.plan_id == plan.plan_id:
-                return  # the same plan again (re-registration)
             reason = ""
             if a is not None:
                 reason = f"rank {self.rank} is still applying plan {a.plan.plan_id}"
@@ -510,13 +671,18 @@ class PlacementAgent:
         layer, sched = a.plan.layers[i], a.schedules[i]
         t0 = time.perf_counter()
         before = self.comm.bytes_received
-        error = ""
+        error, peer = "", -1
         for batch in sched.for_rank(self.rank):
             if not batch:
                 continue
             try:
-                self.chaos.delay()
+                self.chaos.before_batch()
                 self.comm.run_batch(buf, batch)
+            except EplbdError as exc:
+                # Batches are conflict-free: this rank talked to one peer in it.
+                error, peer = (error, peer) if error else (f"staging layer {layer} failed: {exc}", _peer(batch, self.rank))
+                continue
+            try:
                 self.chaos.check_batch()
             except EplbdError as exc:
                 error = error or f"staging layer {layer} failed: {exc}"
@@ -526,7 +692,7 @@ class PlacementAgent:
                 a.failed = a.failed or error
             log.warning("rank %d: plan %d: %s", self.rank, a.plan.plan_id, error)
             if first:
-                self._outbox.append(lambda: self.link.abort(a.plan.plan_id, a.plan.epoch, error))
+                self._outbox.append(lambda: self.link.abort(a.plan.plan_id, a.plan.epoch, error, peer=peer))
             return False
         sched.copy_local(self.rank, self.model.expert_weights[layer], self.staging[buf])
         self.stats.stage_s.append(time.perf_counter() - t0)
@@ -542,6 +708,12 @@ class PlacementAgent:
         self.reporter.close()
         self.link.close()
         self.comm.close()
+
+
+def _peer(batch: Sequence[Any], rank: int) -> int:
+    """The one peer ``rank`` exchanges with in a conflict-free batch (-1 if that is not one rank)."""
+    peers = {t.src_rank if t.dst_rank == rank else t.dst_rank for t in batch}
+    return peers.pop() if len(peers) == 1 else -1
 
 
 def placement_check(weights: Sequence[Sequence[torch.Tensor]], originals: Sequence[Sequence[torch.Tensor]],

@@ -1,10 +1,14 @@
 """eplbctl: the operator CLI for a running eplbd.
 
-Usage: ``eplbctl [--endpoint ENDPOINT] [--timeout SECONDS] [--json] COMMAND [ARGS]``
+Usage: ``eplbctl [--endpoint ENDPOINT] [--timeout SECONDS] [--curve-client-key FILE --curve-server-key FILE]
+[--json] COMMAND [ARGS]``
 
 ``--endpoint`` defaults to ``$EPLBD_RPC``, else ``tcp://127.0.0.1:7450``; ``--timeout`` (default 5)
 bounds each request. ``--json`` (also accepted after the command) prints exactly one JSON object
 on stdout: the daemon's reply as plain JSON (tensors as nested lists, ``req_id`` left out).
+For a daemon with CURVE on, ``--curve-client-key`` names an operator's ``NAME.key_secret`` and
+``--curve-server-key`` the daemon's public ``NAME.key`` (``eplbd keygen``); defaults
+``$EPLBD_CURVE_CLIENT_KEY`` and ``$EPLBD_CURVE_SERVER_KEY``.
 
 Commands:
 
@@ -17,6 +21,9 @@ Commands:
     Observed and predicted (if re-planned now) balancedness, min/p50/p90/mean/aggregate, over the
     window. ``--per-layer`` adds one row per layer; ``--per-rank`` the mean load per rank
     (a layers x ranks matrix).
+    ``--watch [SECONDS]`` (default 2) redraws a live view every SECONDS until Ctrl-C (exit 0): epoch,
+    step and plan state, per-layer balancedness and each rank's share of the load; it keeps trying
+    while the daemon is unreachable. With ``--json``: one JSON line per refresh (``eplbd.client.watch``).
 ``rebalance [--dry-run] [--layers 0,3,5] [--policy NAME] [--force]``
     Plan now: prints whether the plan was pushed, computed only (dry run) or skipped and why,
     the predicted balancedness before -> after, and the slots/bytes it moves. ``--force`` pushes
@@ -37,6 +44,12 @@ Commands:
     Show the daemon's live config (or one key), or change one key. VALUE is parsed as JSON when it
     parses (``50``, ``true``, ``0.02``), else sent as a string; the daemon coerces and validates.
     JSON output: ``{"config": {...}}`` (only KEY for ``get KEY``).
+``resize --mapping 0,1,2,-1 [--ep-size N] [--dry-run]``
+    Elastic EP: ranks leave or join. ``--mapping`` gives each current rank's new number, -1 when it
+    leaves (write ``--mapping=-1,0,1`` when it starts with -1); ``--ep-size`` the new group size
+    (default: the surviving ranks; larger adds joining ranks). The daemon drains the plan in flight,
+    plans the new group (every expert keeps a replica) and prints the orphans: experts whose only
+    copies were on removed ranks, which the engine must reload. ``status`` shows the latest resize.
 
 Exit codes: 0 ok; 1 the daemon answered with an error (``eplbctl: error: NAME: MESSAGE`` on stderr,
 NAME as in ``eplbd.errors``; also ``config get`` of an unknown key); 2 usage error; 3 the daemon
@@ -53,7 +66,8 @@ from typing import Any, Callable
 
 import msgspec
 
-from eplbd.errors import EplbdError, NotFoundError, UnavailableError
+from eplbd.client import watch
+from eplbd.errors import ConfigError, EplbdError, NotFoundError, UnavailableError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -135,6 +149,7 @@ def render_status(s: Any, args: argparse.Namespace) -> list[str]:
     out += table(["rank", "worker", "alive", "last seen", "epoch", "host"],
                  [[w.rank, w.worker_id, w.alive, f"{w.last_seen_s:.1f}s ago", w.epoch, w.hostname or "-"]
                   for w in sorted(s.workers, key=lambda w: w.rank)])
+    out += _resize_lines(s.resize) if s.resize else []
     return out + (render_plan(s.current_plan) if s.current_plan else ["plan: none yet"])
 
 
@@ -175,6 +190,22 @@ def render_placement(p: Any, args: argparse.Namespace) -> list[str]:
             "slots grouped by rank):", *(f"  layer {i:>3}: {fmt(row)}" for i, row in enumerate(rows))]
 
 
+def _resize_lines(r: Any) -> list[str]:
+    """The lines for a ``ResizeInfo`` (reply or status)."""
+    orphans = "; ".join(f"layer {i}: {','.join(map(str, o))}" for i, o in enumerate(r.orphans) if o) or "none"
+    return [f"resize at epoch {r.epoch}: {r.old_ep_size} -> {r.ep_size} ranks, mapping {','.join(map(str, r.mapping))}"
+            f" (old rank -> new rank, -1 removed)",
+            f"  orphans (their only copies were on removed ranks; reloaded by the engine): {orphans}",
+            f"  moves {r.moved_slots} slots between ranks, {r.reload_slots} reloads; plan in flight: "
+            f"{f'plan {r.drained_plan} {r.drain}' if r.drained_plan else 'none'}",
+            f"  new group registered: {len(r.registered)}/{r.ep_size}" + (" (complete)" if r.complete else "")]
+
+
+def render_resize(r: Any) -> list[str]:
+    head = "dry run: computed, nothing changed" if r.dry_run else f"resized: the new group runs epoch {r.info.epoch}"
+    return [head, *_resize_lines(r.info)]
+
+
 def render_config(c: Any, args: argparse.Namespace) -> list[str]:
     width = max(map(len, c.config), default=0)
     return [f"{k.ljust(width)} = {json.dumps(v)}" for k, v in c.config.items()]
@@ -208,6 +239,14 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
 
 
+def _mapping(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected one new rank (or -1) per current rank, comma-separated, "
+                                         f"got {text!r}") from None
+
+
 def _abspath(text: str) -> str:
     return os.path.abspath(os.path.expanduser(text))
 
@@ -227,8 +266,12 @@ COMMANDS: dict[str, tuple[str, list, Callable, Callable]] = {
     "status": ("epoch, workers, current plan, report counters", [],
                lambda c, a: c.status(), render_status),
     "balancedness": ("observed and predicted balancedness",
-                     [A("--per-layer", action="store_true"), A("--per-rank", action="store_true")],
-                     lambda c, a: c.balancedness(per_layer=a.per_layer, per_rank=a.per_rank), render_balancedness),
+                     [A("--per-layer", action="store_true"), A("--per-rank", action="store_true"),
+                      A("--watch", nargs="?", const=2.0, type=watch.seconds, metavar="SECONDS",
+                        help="redraw a live view every SECONDS (default 2) until Ctrl-C"),
+                      A("--count", type=int, help=argparse.SUPPRESS)],  # stop after N refreshes (tests)
+                     lambda c, a: c.balancedness(per_layer=a.per_layer, per_rank=a.per_rank) if a.watch is None
+                     else watch.Watched(watch.watch(c, a)), render_balancedness),
     "rebalance": ("plan (and push) a new placement now",
                   [A("--dry-run", action="store_true"), A("--layers", type=_int_list, metavar="0,3,5"),
                    A("--policy", metavar="NAME"), A("--force", action="store_true")],
@@ -248,6 +291,10 @@ COMMANDS: dict[str, tuple[str, list, Callable, Callable]] = {
                        [A("path", type=_abspath), A("--dry-run", action="store_true")],
                        lambda c, a: c.load_placement(a.path, dry_run=a.dry_run), render_rebalance),
     "config": ("get or set the daemon's live config", [], do_config, render_config),
+    "resize": ("elastic EP: ranks leave or join the group",
+               [A("--mapping", type=_mapping, required=True, metavar="0,1,2,-1"),
+                A("--ep-size", type=int, default=0, metavar="N"), A("--dry-run", action="store_true")],
+               lambda c, a: c.resize(a.mapping, ep_size=a.ep_size, dry_run=a.dry_run), lambda r, a: render_resize(r)),
 }
 
 
@@ -261,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--endpoint", default=os.environ.get("EPLBD_RPC", "tcp://127.0.0.1:7450"),
                         help="the daemon's RPC endpoint (default: $EPLBD_RPC or tcp://127.0.0.1:7450)")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per-request timeout")
+    parser.add_argument("--curve-client-key", metavar="FILE",
+                        help="operator key (NAME.key_secret) for a daemon with CURVE on "
+                             "(default: $EPLBD_CURVE_CLIENT_KEY)")
+    parser.add_argument("--curve-server-key", metavar="FILE",
+                        help="the daemon's public key (NAME.key) (default: $EPLBD_CURVE_SERVER_KEY)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_, arguments, _, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False, parents=[common])
@@ -274,6 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _curve_keys(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
+    """The ``CurveKeys`` given by ``--curve-client-key``/``--curve-server-key`` or their
+    environment variables (both or neither); None for a daemon without CURVE."""
+    from eplbd.proto.sockets import CLIENT_KEY_ENV, SERVER_KEY_ENV, CurveKeys  # imports torch: not for --help
+
+    client = args.curve_client_key or os.environ.get(CLIENT_KEY_ENV) or None
+    server = args.curve_server_key or os.environ.get(SERVER_KEY_ENV) or None
+    if client is None and server is None:
+        return None
+    if client is None or server is None:
+        parser.error("CURVE needs both --curve-client-key and --curve-server-key "
+                     f"(or ${CLIENT_KEY_ENV} and ${SERVER_KEY_ENV})")
+    try:
+        return CurveKeys.from_files(client, server)
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -284,9 +354,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from eplbd.client.rpc import EplbClient
 
+    curve = _curve_keys(parser, args)
     ctx = zmq.Context()
     try:
-        with EplbClient(args.endpoint, timeout=args.timeout, ctx=ctx) as client:
+        with EplbClient(args.endpoint, timeout=args.timeout, ctx=ctx, curve=curve) as client:
             reply = request(client, args)
     except zmq.ZMQError as exc:  # only connect() can fail here: a malformed endpoint
         print(f"eplbctl: error: bad --endpoint {args.endpoint!r}: {exc}", file=sys.stderr)
@@ -299,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     finally:
         ctx.destroy(linger=0)
+    if isinstance(reply, watch.Watched):  # balancedness --watch printed its frames itself
+        return reply.code
     if getattr(args, "json", False):
         sys.stdout.write(msgspec.json.encode(to_jsonable(reply)).decode() + "\n")
     else:

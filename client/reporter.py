@@ -81,7 +81,7 @@ import torch
 import zmq
 
 from eplbd.errors import InvalidArgumentError
-from eplbd.proto import Encoder, LoadReport, make_socket
+from eplbd.proto import CurveKeys, Encoder, LoadReport, make_socket
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ class LoadReporter:
             for about this long (at most twice it: the sender notices new
             steps when it wakes); a full batch goes at once.
         ctx: zmq context (default: the process's shared instance).
+        curve: a worker key pair and the daemon's public key, for a daemon with CURVE on.
 
     Counters (ints, readable from any thread): ``steps_recorded``,
     ``steps_sent``, ``steps_dropped``, ``reports_sent``, ``reports_failed``.
@@ -153,7 +154,8 @@ class LoadReporter:
 
     def __init__(self, ingest: str, rank: int, *, num_layers: int, num_physical: int,
                  batch_steps: int = 8, max_pending_steps: int = 1024, hwm: int = 64,
-                 flush_interval_s: float = 0.05, ctx: zmq.Context | None = None) -> None:
+                 flush_interval_s: float = 0.05, ctx: zmq.Context | None = None,
+                 curve: CurveKeys | None = None) -> None:
         for name, value, low in (("rank", rank, 0), ("num_layers", num_layers, 1),
                                  ("num_physical", num_physical, 1), ("batch_steps", batch_steps, 1),
                                  ("max_pending_steps", max_pending_steps, 1), ("hwm", hwm, 0)):
@@ -217,7 +219,7 @@ class LoadReporter:
 
         try:
             self._sock = make_socket(ctx or zmq.Context.instance(), zmq.PUSH, connect=ingest, hwm=hwm,
-                                     linger_ms=0)
+                                     linger_ms=0, curve=curve)
         except zmq.ZMQError as exc:
             raise InvalidArgumentError(f"LoadReporter cannot connect to ingest endpoint {ingest!r}: {exc}") from None
         self._enc = Encoder()  # sender thread only

@@ -24,6 +24,8 @@ from eplbd.proto import (PROTOCOL_VERSION, REPLY_TYPE_FOR, BalancednessRequest, 
                          DumpWindowRequest, Encoder, ErrorReply, GetConfigRequest, GetPlacementRequest,
                          GetPlanRequest, Hello, LoadPlacementRequest, PauseRequest, RebalanceRequest,
                          ResumeRequest, SetConfigRequest, StatusRequest, make_socket)
+from eplbd.proto import GetResizeRequest, ResizeRequest
+from eplbd.proto.sockets import CurveKeys
 
 DEFAULT_ENDPOINT = os.environ.get("EPLBD_RPC", "tcp://127.0.0.1:7450")
 
@@ -96,16 +98,23 @@ class _Operations:
     def set_config(self, key: str, value: Any):
         return self._call(SetConfigRequest(key=key, value=value))
 
+    def resize(self, mapping: list[int], *, ep_size: int = 0, dry_run: bool = False):
+        """Elastic EP: ``mapping[old_rank]`` = new rank or -1 (removed); ``ep_size`` 0: the survivors."""
+        return self._call(ResizeRequest(mapping=list(mapping), ep_size=ep_size, dry_run=dry_run))
+
+    def get_resize(self, epoch: int | None = None):
+        return self._call(GetResizeRequest(epoch=epoch))
+
 
 class _Base(_Operations):
-    def __init__(self, endpoint: str, timeout: float, ctx: zmq.Context) -> None:
+    def __init__(self, endpoint: str, timeout: float, ctx: zmq.Context, curve: CurveKeys | None) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         self.client_id = f"op-{uuid.uuid4().hex[:8]}"
         self._enc, self._dec = Encoder(), Decoder()
         self._ids = itertools.count(1)
         # linger 0: an operator tool that gave up must not hang on exit.
-        self._sock = make_socket(ctx, zmq.DEALER, connect=endpoint, linger_ms=0, hwm=100)
+        self._sock = make_socket(ctx, zmq.DEALER, connect=endpoint, linger_ms=0, hwm=100, curve=curve)
 
     def _prepare(self, msg: Any) -> tuple[int, list]:
         msg.req_id = next(self._ids)
@@ -128,11 +137,12 @@ class _Base(_Operations):
 
 
 class EplbClient(_Base):
-    """Blocking client. Args: endpoint (the daemon's ``rpc``), timeout in seconds per request."""
+    """Blocking client. Args: endpoint (the daemon's ``rpc``), timeout in seconds per request,
+    curve: an operator key pair and the daemon's public key, for a daemon with CURVE on."""
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = 5.0,
-                 ctx: zmq.Context | None = None) -> None:
-        super().__init__(endpoint, timeout, ctx or zmq.Context.instance())
+                 ctx: zmq.Context | None = None, curve: CurveKeys | None = None) -> None:
+        super().__init__(endpoint, timeout, ctx or zmq.Context.instance(), curve)
 
     def _call(self, msg: Any) -> Any:
         req_id, frames = self._prepare(msg)
@@ -153,8 +163,8 @@ class AsyncEplbClient(_Base):
     """Asyncio client; one request at a time per client (create several for concurrency)."""
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = 5.0,
-                 ctx: zmq.asyncio.Context | None = None) -> None:
-        super().__init__(endpoint, timeout, ctx or zmq.asyncio.Context.instance())
+                 ctx: zmq.asyncio.Context | None = None, curve: CurveKeys | None = None) -> None:
+        super().__init__(endpoint, timeout, ctx or zmq.asyncio.Context.instance(), curve)
 
     async def _call(self, msg: Any) -> Any:
         req_id, frames = self._prepare(msg)

@@ -23,6 +23,7 @@ from eplbd.errors import UnavailableError
 from eplbd.client.rpc import sync_round_trip
 from eplbd.proto import (PUSH_TYPES, Abort, Ack, Decoder, Encoder, ErrorReply, Heartbeat, LayerReady,
                          LoadReport, Registered, RegisterWorker, make_socket)
+from eplbd.proto.sockets import CurveKeys
 
 
 class WorkerLink:
@@ -32,10 +33,12 @@ class WorkerLink:
         rank: this rank in the EP group.
         timeout: seconds to wait for a reply to a request.
         report_hwm: load reports queued in libzmq before sends count as drops.
+        curve: a worker key pair and the daemon's public key, for a daemon with CURVE on
+            (used on both sockets).
     """
 
     def __init__(self, rpc: str, ingest: str, rank: int, *, timeout: float = 5.0, report_hwm: int = 64,
-                 ctx: zmq.Context | None = None) -> None:
+                 ctx: zmq.Context | None = None, curve: CurveKeys | None = None) -> None:
         self.rank = rank
         self.rpc, self.ingest = rpc, ingest
         self.timeout = timeout
@@ -44,8 +47,9 @@ class WorkerLink:
         self._enc, self._dec = Encoder(), Decoder()
         self._ids = itertools.count(1)
         self._seq = itertools.count(0)
-        self._dealer = make_socket(ctx, zmq.DEALER, connect=rpc, identity=self.worker_id.encode(), linger_ms=0)
-        self._push = make_socket(ctx, zmq.PUSH, connect=ingest, hwm=report_hwm, linger_ms=0)
+        self._dealer = make_socket(ctx, zmq.DEALER, connect=rpc, identity=self.worker_id.encode(), linger_ms=0,
+                                   curve=curve)
+        self._push = make_socket(ctx, zmq.PUSH, connect=ingest, hwm=report_hwm, linger_ms=0, curve=curve)
         self.pushed: collections.deque = collections.deque()  # Plan / Commit / Abort from the daemon
         self.reports_sent = 0
         self.reports_dropped = 0
@@ -71,13 +75,17 @@ class WorkerLink:
 
     def register(self, *, ep_size: int, num_layers: int, num_logical: int, num_physical: int, epoch: int,
                  phy2log: torch.Tensor, num_groups: int = 1, num_nodes: int = 1, node: int = 0,
-                 expert_bytes: int = 0, communicator: str = "", step: int = 0) -> Registered:
+                 expert_bytes: int = 0, communicator: str = "", step: int = 0, last_plan_id: int = 0) -> Registered:
         reply = self.request(RegisterWorker(
             rank=self.rank, ep_size=ep_size, worker_id=self.worker_id, num_layers=num_layers,
             num_logical_experts=num_logical, num_physical_experts=num_physical,
             num_local_physical_experts=num_physical // ep_size, epoch=epoch, phy2log=phy2log,
             node=node, num_nodes=num_nodes, num_groups=num_groups, expert_bytes=expert_bytes,
-            communicator=communicator, step=step, hostname=socket.gethostname(), pid=os.getpid()))
+            communicator=communicator, step=step, hostname=socket.gethostname(), pid=os.getpid(),
+            last_plan_id=last_plan_id))
+        # Pushes that came in before the reply are from before this registration (a previous daemon
+        # or incarnation): the daemon pushes to this worker only after registering it.
+        self.pushed.clear()
         # The daemon answered, so its ingest is up: give the PUSH a moment to
         # connect so the first reports are not dropped locally.
         self.wait_ingest(min(self.timeout, 2.0))
@@ -98,8 +106,9 @@ class WorkerLink:
         self.request(Ack(rank=self.rank, plan_id=plan_id, epoch=epoch, layers=layers, step=step,
                          worker_id=self.worker_id))
 
-    def abort(self, plan_id: int, epoch: int, reason: str) -> None:
-        self.request(Abort(plan_id=plan_id, epoch=epoch, reason=reason, rank=self.rank))
+    def abort(self, plan_id: int, epoch: int, reason: str, *, peer: int = -1) -> None:
+        """Give up on a plan; ``peer``: the rank a failed transfer was with, if known."""
+        self.request(Abort(plan_id=plan_id, epoch=epoch, reason=reason, rank=self.rank, peer=peer))
 
     # -- pushes from the daemon -------------------------------------------------------------
     def poll_pushed(self, timeout: float = 0.0) -> Any | None:

@@ -15,15 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import pathlib
 import signal
+import socket
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import zmq
 import zmq.asyncio
 
-from eplbd.errors import EplbdError, ProtocolError
+from eplbd.chaos import MessageChaos
+from eplbd.auth import (INGEST_DOMAIN, OPERATOR, RPC_DOMAIN, WORKER, CurveSetup, ZapAuthenticator, authorize,
+                        load_curve, warn_if_exposed)
+from eplbd.errors import ConfigError, EplbdError, PermissionDeniedError, ProtocolError
 from eplbd.metrics import MetricsServer
 from eplbd.observe import DaemonMetrics
 from eplbd.proto import (PROTOCOL_VERSION, REQUEST_TYPES, Abort, Ack, BalancednessRequest, ConfigReply, Decoder,
@@ -32,6 +38,7 @@ from eplbd.proto import (PROTOCOL_VERSION, REQUEST_TYPES, Abort, Ack, Balancedne
                          LoadReport, OkReply, PauseRequest, PlacementReply, RebalanceRequest, RegisterWorker,
                          ResumeRequest, SetConfigRequest, StatusRequest, Welcome, bound_endpoint, check_version,
                          expect, make_socket)
+from eplbd.proto import GetResizeRequest, ResizeRequest
 from eplbd.settings import DaemonSettings, apply_update
 from eplbd.state import DaemonState, Outgoing
 
@@ -42,14 +49,68 @@ METRICS_REFRESH_S = 1.0
 INGEST_BATCH = 32  # reports drained per wake-up (~0.4 ms each at DSV3 scale): bounds the RPC wait under load
 
 
+def sd_notify(state: str, env: Mapping[str, str] | None = None) -> bool:
+    """Tell systemd (``Type=notify``) about a state change: ``READY=1``, ``STOPPING=1``, ``STATUS=...``.
+
+    The protocol is one datagram to the AF_UNIX socket named by ``$NOTIFY_SOCKET`` (``@name`` is
+    the abstract namespace), so no libsystemd is needed. Never raises: a unit that is not
+    ``Type=notify`` has no socket, and a failed send must not take the daemon down.
+
+    Args:
+        state: newline-separated ``KEY=VALUE`` assignments.
+        env: where to read ``NOTIFY_SOCKET`` (default ``os.environ``).
+
+    Returns:
+        True if the datagram was sent.
+    """
+    addr = (os.environ if env is None else env).get("NOTIFY_SOCKET", "")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    elif not addr.startswith("/"):
+        log.warning("NOTIFY_SOCKET=%r is not a unix socket path; not notifying systemd", addr)
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(addr)
+            sock.sendall(state.encode())
+        return True
+    except OSError as exc:
+        log.warning("could not notify systemd at %r: %s", addr, exc)
+        return False
+
+
+def _check_state_dir(state_dir: str | None) -> None:
+    """Raise ``ConfigError`` unless ``state_dir`` (if set) is, or can be made, a writable directory:
+    found at start, not at the first commit, whose state would then be lost."""
+    if state_dir is None:
+        return
+    d = pathlib.Path(state_dir)
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"state_dir={state_dir!r} is not a directory")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"state_dir={state_dir!r} cannot be created: {exc.strerror or exc}") from None
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise ConfigError(f"state_dir={state_dir!r} is not writable by this user")
+
+
 class Daemon:
     """Args:
         settings: validated ``DaemonSettings``.
         ctx: the process's asyncio ZMQ context (one per process; created if omitted).
+        notify: tell systemd READY=1 once the sockets are bound and STOPPING=1 when shutdown
+            begins (``sd_notify``; ``serve`` sets it, an embedded daemon does not).
+        chaos: tests only: faults injected into what the daemon pushes to ranks (per rank).
     """
 
-    def __init__(self, settings: DaemonSettings, *, ctx: zmq.asyncio.Context | None = None) -> None:
+    def __init__(self, settings: DaemonSettings, *, ctx: zmq.asyncio.Context | None = None,
+                 notify: bool = False, chaos: MessageChaos | None = None) -> None:
         self.settings = settings
+        self.chaos = chaos if chaos is not None and chaos.active else None
+        self._notify = notify
         self.state = DaemonState(settings)
         self._ctx = ctx or zmq.asyncio.Context()
         self._own_ctx = ctx is None
@@ -60,19 +121,38 @@ class Daemon:
         self._metrics_server: MetricsServer | None = None
         self.rpc_endpoint = self.ingest_endpoint = ""
         self.metrics_port = -1
+        self._curve: CurveSetup | None = None  # CURVE keys (settings.curve_*), loaded at start
+        self._auth: ZapAuthenticator | None = None
         self._last_logged_step = -1
         self._last_refresh = 0.0
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
-        self._router = make_socket(self._ctx, zmq.ROUTER, bind=s.rpc, max_msg_size=s.max_frame_bytes)
-        self._pull = make_socket(self._ctx, zmq.PULL, bind=s.ingest, max_msg_size=s.max_frame_bytes, hwm=10_000)
+        opened: list[zmq.Socket] = []
+        try:  # a start that fails (ConfigError naming the setting) leaves nothing bound or running
+            _check_state_dir(s.state_dir)
+            self._start_auth()
+            opened.append(self._bind(zmq.ROUTER, "rpc", RPC_DOMAIN))
+            opened.append(self._bind(zmq.PULL, "ingest", INGEST_DOMAIN, hwm=10_000))
+            if s.metrics_port >= 0:
+                self._metrics_server = MetricsServer(self.metrics.registry, s.metrics_host, s.metrics_port,
+                                                     health=self._health, ready=self._ready)
+                try:
+                    self.metrics_port = await self._metrics_server.start()
+                except OSError as exc:
+                    self._metrics_server = None
+                    raise ConfigError(f"cannot serve metrics on metrics_host={s.metrics_host!r} "
+                                      f"metrics_port={s.metrics_port}: {exc.strerror or exc}") from None
+        except BaseException:
+            for sock in opened:
+                sock.close(linger=0)
+            self._stop_auth()
+            if self._own_ctx:
+                self._ctx.term()
+            raise
+        self._router, self._pull = opened
         self.rpc_endpoint, self.ingest_endpoint = bound_endpoint(self._router), bound_endpoint(self._pull)
-        if s.metrics_port >= 0:
-            self._metrics_server = MetricsServer(self.metrics.registry, s.metrics_host, s.metrics_port,
-                                                 health=self._health, ready=self._ready)
-            self.metrics_port = await self._metrics_server.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -84,6 +164,41 @@ class Daemon:
                        asyncio.create_task(self._tick_loop(), name="tick")]
         log.info("eplbd %s listening: rpc=%s ingest=%s metrics=%s", self.state.daemon_id, self.rpc_endpoint,
                  self.ingest_endpoint, self.metrics_port if self.metrics_port >= 0 else "off")
+        if self._notify:
+            sd_notify(f"READY=1\nSTATUS=serving rpc={self.rpc_endpoint} ingest={self.ingest_endpoint}")
+
+    def _start_auth(self) -> None:
+        """Load the CURVE keys and start the ZAP handler (before any socket binds: a CURVE
+        server without a ZAP handler would admit every key); warn about exposed plaintext endpoints."""
+        s = self.settings
+        self._curve = load_curve(s)
+        warn_if_exposed({"rpc": s.rpc, "ingest": s.ingest}, curve=self._curve is not None)
+        if self._curve is None:
+            return
+        auth = ZapAuthenticator(self._ctx, self._curve)
+        try:
+            auth.start()
+        except zmq.ZMQError as exc:  # another ZAP handler already runs in this context
+            raise ConfigError(f"cannot start the CURVE authenticator: {exc}") from None
+        self._auth = auth
+        log.info("CURVE on: %d worker key(s), %d operator key(s)",
+                 *(sum(p.role == r for p in self._curve.peers.values()) for r in (WORKER, OPERATOR)))
+
+    def _stop_auth(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
+    def _bind(self, socket_type: int, name: str, zap_domain: str, **kw: Any) -> zmq.asyncio.Socket:
+        """Bind the socket of setting ``name`` (``rpc``/``ingest``); a bind failure is a ``ConfigError`` naming it."""
+        s = self.settings
+        endpoint = getattr(s, name)
+        curve = None if self._curve is None else self._curve.server_keys(zap_domain)
+        try:
+            return make_socket(self._ctx, socket_type, bind=endpoint, max_msg_size=s.max_frame_bytes, curve=curve,
+                               **kw)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"cannot bind {name}={endpoint!r}: {exc}") from None
 
     def request_stop(self) -> None:
         """The one way to stop: signal handlers and operators end up here."""
@@ -92,6 +207,8 @@ class Daemon:
     async def run(self) -> None:
         """Run until ``request_stop``; then drain and close."""
         await self._stop.wait()
+        if self._notify:
+            sd_notify("STOPPING=1\nSTATUS=draining")
         await self.close()
 
     async def close(self) -> None:
@@ -103,6 +220,7 @@ class Daemon:
         if self._metrics_server is not None:
             await self._metrics_server.stop()
         self._router.close(linger=200)
+        self._stop_auth()
         self._pull.close(linger=0)
         if self._own_ctx:
             self._ctx.term()
@@ -165,19 +283,34 @@ class Daemon:
             if len(frames) < 2:
                 continue
             identity, body = frames[0].bytes, frames[1:]
-            reply, out = self._handle(identity, body)
+            reply, out = self._handle(identity, body, self._user_id(body[0]))
             if reply is not None:
                 self._send(identity, reply)
             self._route(out)
             await asyncio.sleep(0)  # same reason as in the ingest loop
 
-    def _handle(self, identity: bytes, body: list) -> tuple[Any, list[Outgoing]]:
+    def _user_id(self, frame: zmq.Frame) -> str | None:
+        """The ``User-Id`` ZAP gave the sender's connection (``role:name``); None with CURVE off."""
+        if self._auth is None:
+            return None
+        try:
+            return frame.get("User-Id")
+        except zmq.ZMQError:  # cannot happen behind ZAP; refuse rather than trust
+            return ""
+
+    def _handle(self, identity: bytes, body: list, user_id: str | None = None) -> tuple[Any, list[Outgoing]]:
+        """Decode, authorise (``user_id`` from ZAP; None: CURVE off, all allowed) and dispatch one request."""
         req_id = 0
         try:
             msg = self._dec.decode(body)
             req_id = getattr(msg, "req_id", 0)
             expect(msg, REQUEST_TYPES, "the RPC socket")
+            if user_id is not None:
+                authorize(user_id, msg)
             return self._dispatch(msg, identity, time.time())
+        except PermissionDeniedError as exc:
+            log.warning("denied: %s", exc)
+            return ErrorReply.from_exc(exc, req_id=req_id), []
         except EplbdError as exc:
             return ErrorReply.from_exc(exc, req_id=req_id), []
         except Exception as exc:  # a bug must cost one request, not the daemon
@@ -235,6 +368,10 @@ class Daemon:
                 return DumpWindowReply(path=msg.path, steps=st.dump_window(msg.path), req_id=rid), []
             case LoadPlacementRequest():
                 return st.load_placement(msg.path, dry_run=msg.dry_run, now=now, req_id=rid)
+            case ResizeRequest():
+                return st.resize(msg.mapping, msg.ep_size, dry_run=msg.dry_run, now=now, req_id=rid)
+            case GetResizeRequest():
+                return st.get_resize(msg.epoch, req_id=rid), []
             case GetConfigRequest():
                 return ConfigReply(config=self.settings.model_dump(mode="json"), req_id=rid), []
             case SetConfigRequest():
@@ -246,7 +383,10 @@ class Daemon:
 
     def _send(self, identity: bytes, msg: Any) -> bool:
         try:
-            self._router.send_multipart([identity, *self._enc.encode(msg)], copy=False, flags=zmq.NOBLOCK)
+            sent = self._router.send_multipart([identity, *self._enc.encode(msg)], copy=False, flags=zmq.NOBLOCK)
+            # zmq.asyncio hands a NOBLOCK send's error back on the (already finished) future.
+            if isinstance(sent, asyncio.Future) and sent.done() and sent.exception() is not None:
+                raise sent.exception()
             return True
         except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or its queue full
             log.warning("could not send %s to %r: %s", type(msg).__name__, identity, exc)
@@ -254,16 +394,29 @@ class Daemon:
 
     def _route(self, out: list[Outgoing]) -> None:
         for item in out:
+            if item.identity is not None:  # a connection that is no rank any more (eplbd.resize)
+                self._send(item.identity, item.msg)
+                continue
             ranks = list(self.state.workers) if item.rank is None else [item.rank]
             for r in ranks:
-                w = self.state.workers.get(r)
-                if w is not None:
-                    self._send(w.identity, item.msg)
+                if self.chaos is None:
+                    self._send_rank(r, item.msg)
+                    continue
+                for msg in self.chaos.process(r, item.msg, time.monotonic()):
+                    self._send_rank(r, msg)
+
+    def _send_rank(self, rank: int, msg: Any) -> None:
+        w = self.state.workers.get(rank)
+        if w is not None:
+            self._send(w.identity, msg)
 
     async def _tick_loop(self) -> None:
         while not self._stop.is_set():
             try:
                 self._route(self.state.tick(time.time()))
+                if self.chaos is not None:
+                    for rank, msg in self.chaos.due(time.monotonic()):
+                        self._send_rank(rank, msg)
                 self._log_balancedness()
                 if time.monotonic() - self._last_refresh >= METRICS_REFRESH_S:
                     self._last_refresh = time.monotonic()
@@ -294,7 +447,7 @@ async def serve(settings: DaemonSettings, *, ready_line: bool = True) -> None:
     # bench_ingest, starving libzmq's I/O thread on small hosts. One thread is
     # faster here, and the host's cores stay with the engine.
     torch.set_num_threads(1)
-    daemon = Daemon(settings)
+    daemon = Daemon(settings, notify=True)
     await daemon.start()
     if ready_line:
         print(f"READY rpc={daemon.rpc_endpoint} ingest={daemon.ingest_endpoint} metrics_port={daemon.metrics_port}",

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from eplbd.config import EplbConfig
 from eplbd.errors import ConfigError
@@ -36,9 +36,11 @@ ENV_PREFIX = "EPLBD_"
 # EPLBD_* names that are not settings but are still ours; they must not be
 # reported as typos.
 CONFIG_ENV = "EPLBD_CONFIG"
-_NON_SETTING_ENV = frozenset({CONFIG_ENV})
+# EPLBD_CURVE_CLIENT_KEY / _SERVER_KEY: a client's key files (eplbd.proto.sockets.CurveKeys.from_env).
+_NON_SETTING_ENV = frozenset({CONFIG_ENV, "EPLBD_CURVE_CLIENT_KEY", "EPLBD_CURVE_SERVER_KEY"})
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+CURVE_FIELDS = ("curve_secret_key_file", "curve_worker_keys_dir", "curve_operator_keys_dir")
 _TCP_RE = re.compile(r"^tcp://(?P<host>\*|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(?P<port>\*|[0-9]{1,5})$")
 
 
@@ -78,8 +80,19 @@ class DaemonSettings(EplbConfig):
                                               "(unset = in memory only).")
     heartbeat_timeout_s: float = Field(default=10.0, gt=0,
                                        description="A rank silent for this long is considered gone.")
-    max_frame_bytes: int = Field(default=64 * 1024 * 1024, gt=0,
-                                 description="Largest frame accepted from a peer, in bytes.")
+    max_frame_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024, le=1 << 40,
+                                 description="Largest frame accepted from a peer, in bytes; libzmq drops a "
+                                             "peer that sends more before any of it is kept.")
+    curve_secret_key_file: str | None = Field(
+        default=None, description="The daemon's CURVE secret key file (NAME.key_secret from `eplbd keygen`). "
+                                  "Set it to encrypt and authenticate both sockets; then both key "
+                                  "directories below must be set too (unset = no CURVE).")
+    curve_worker_keys_dir: str | None = Field(
+        default=None, description="Directory of worker public keys (*.key): these may report load and "
+                                  "register, heartbeat, mark layers ready, ack and abort plans.")
+    curve_operator_keys_dir: str | None = Field(
+        default=None, description="Directory of operator public keys (*.key): these may run every eplbctl "
+                                  "command (status, balancedness, rebalance, pause, config, ...).")
     max_steps_ahead: int = Field(default=100000, gt=0,
                                  description="Reject load reports whose step is this far ahead of the "
                                              "newest one seen.")
@@ -88,6 +101,9 @@ class DaemonSettings(EplbConfig):
     commit_interval_steps: int = Field(default=16, gt=0,
                                        description="Step cadence at which ranks agree in-band to commit "
                                                    "staged layers.")
+    stuck_abort_streak: int = Field(default=3, gt=0,
+                                    description="Rebalancing counts as stuck (/healthz fails) after this many "
+                                                "plans in a row ended aborted without a commit between them.")
     log_level: str = Field(default="INFO", description=f"Logging level, one of {', '.join(_LOG_LEVELS)}.")
     log_json: bool = Field(default=False, description="Write logs as one JSON object per line.")
 
@@ -106,6 +122,26 @@ class DaemonSettings(EplbConfig):
             raise ValueError(f"log level must be one of {', '.join(_LOG_LEVELS)}")
         return level
 
+    @model_validator(mode="after")
+    def _curve_all_or_none(self) -> "DaemonSettings":
+        keys = {f: getattr(self, f) for f in CURVE_FIELDS}
+        if self.curve_secret_key_file is None:
+            given = [f for f, v in keys.items() if v is not None]
+            if given:
+                raise ValueError(f"{', '.join(f'{f}={keys[f]!r}' for f in given)} given but curve_secret_key_file "
+                                 "is not set: CURVE would be off; set curve_secret_key_file to turn it on")
+        else:
+            missing = [f for f, v in keys.items() if v is None]
+            if missing:
+                raise ValueError(f"curve_secret_key_file={self.curve_secret_key_file!r} turns CURVE on, which "
+                                 f"needs {' and '.join(missing)} too (an empty directory admits no one)")
+        return self
+
+    @property
+    def curve_enabled(self) -> bool:
+        """Whether both sockets use CURVE (``curve_secret_key_file`` is set)."""
+        return self.curve_secret_key_file is not None
+
     def eplb_config(self) -> EplbConfig:
         """Returns:
             The ``EplbConfig`` part of these settings (what the scheduler and policies take).
@@ -121,6 +157,7 @@ FIELDS: tuple[str, ...] = tuple(DaemonSettings.model_fields)
 RUNTIME_MUTABLE: frozenset[str] = frozenset({
     "step_interval", "min_gain", "log_balancedness", "log_balancedness_interval", "policy",
     "plan_timeout_s", "window_size", "heartbeat_timeout_s", "commit_interval_steps",
+    "plan_stall_timeout_s", "stuck_abort_streak",
 })
 if not RUNTIME_MUTABLE <= set(FIELDS):  # pragma: no cover - guards the table itself
     raise RuntimeError(f"RUNTIME_MUTABLE names unknown fields: {sorted(RUNTIME_MUTABLE - set(FIELDS))}")
