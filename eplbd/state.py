@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from eplbd.errors import (InvalidArgumentError, NotFoundError, NotReadyError,
-                          NotRegisteredError, PlanConflictError, RegistrationMismatchError)
+                          NotRegisteredError, PlacementError, PlanConflictError, RegistrationMismatchError)
 from eplbd.plans import PersistedState, PlanRecord, load_state, read_placement_file, save_state
 from eplbd.policy import (get_policy, moved_slots, observed_balancedness, predicted_balancedness, rank_loads,
                           spread_logical_load, summarize, validate_placement)
@@ -91,6 +91,22 @@ def operator_path(path: str, verb: str) -> pathlib.Path:
     if len(path.encode(errors="surrogateescape")) >= 4096 or any(len(part) > 255 for part in path.split("/")):
         raise InvalidArgumentError(f"cannot {verb} {shown}: the path or one of its names is too long")
     return pathlib.Path(path)
+
+
+MAX_PLACEMENT_FILE_BYTES = 64 << 20  # DeepSeek-V3's placement is ~0.1 MB of JSON
+
+
+def _placement_path(path: str) -> pathlib.Path:
+    """``operator_path`` for a placement file, refused unread when it is larger than any placement."""
+    p = operator_path(path, "read")
+    try:
+        size = p.stat().st_size
+    except OSError:
+        return p  # missing or unreadable: read_placement_file names what is wrong
+    if size > MAX_PLACEMENT_FILE_BYTES:
+        raise PlacementError(f"placement file {path!r} has {size} bytes, more than the "
+                             f"{MAX_PLACEMENT_FILE_BYTES} any placement needs")
+    return p
 
 
 def _stats(s) -> BalanceStats:
@@ -579,7 +595,7 @@ class DaemonState(ElasticOps):
 
     def load_placement(self, path: str, *, dry_run: bool, now: float, req_id: int = 0):
         self._require_group()
-        new = read_placement_file(operator_path(path, "read"))
+        new = read_placement_file(_placement_path(path))
         want = (self.topo.num_layers, self.topo.num_physical)
         if tuple(new.shape) != want:
             raise InvalidArgumentError(f"placement in {path!r} has shape {list(new.shape)}, the group needs {list(want)}")

@@ -284,6 +284,9 @@ def _bad_requests(enc: Encoder, tmp_path, links) -> list[tuple[type, list[bytes]
     wrong_layers = tmp_path / "wrong_layers.json"
     wrong_layers.write_text(msgspec.json.encode({"phy2log": phy[:1].tolist()}).decode())
     (tmp_path / "a_dir.json").mkdir()
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with open(tmp_path / "huge.json", "wb") as f:
+        f.truncate(65 << 20)  # sparse: refused by its size, never read
     w0 = links[0].worker_id
     bad_rank = _header({"type": "RegisterWorker", "rank": 9, "ep_size": G, "worker_id": "x", "num_layers": L,
                         "num_logical_experts": E, "num_physical_experts": P, "num_local_physical_experts": P // G,
@@ -315,6 +318,10 @@ def _bad_requests(enc: Encoder, tmp_path, links) -> list[tuple[type, list[bytes]
         (errors.PlacementError, LoadPlacementRequest(path=str(out_of_range), dry_run=True)),
         (errors.InvalidArgumentError, LoadPlacementRequest(path=str(wrong_layers), dry_run=True)),
         (errors.InvalidArgumentError, LoadPlacementRequest(path="", dry_run=True)),
+        (errors.InvalidArgumentError, LoadPlacementRequest(path="relative.json", dry_run=True)),
+        (errors.InvalidArgumentError, LoadPlacementRequest(path="/" + "x" * 5000, dry_run=True)),
+        (errors.PlacementError, LoadPlacementRequest(path=str(tmp_path / "deep.json"), dry_run=True)),
+        (errors.PlacementError, LoadPlacementRequest(path=str(tmp_path / "huge.json"), dry_run=True)),
         (errors.ConfigError, SetConfigRequest(key="window_size", value=-3)),
         (errors.ConfigError, SetConfigRequest(key="window_size", value=[1, 2])),
         (errors.ConfigError, SetConfigRequest(key="window_size", value=None)),

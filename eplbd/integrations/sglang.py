@@ -51,7 +51,11 @@ def read_document(path: str | os.PathLike, error: type[EplbdError], what: str) -
         ``error``: the file is missing, unreadable, not JSON, or a ``.pt`` that needs pickling.
     """
     p = pathlib.Path(path)
-    if not p.is_file():
+    try:
+        regular = p.is_file()
+    except OSError as exc:  # a name too long, a directory we may not search
+        raise error(f"{what} file {str(p)!r} cannot be read: {exc.strerror or exc}") from None
+    if not regular:
         raise error(f"{what} file {str(p)!r} does not exist")
     if p.suffix == ".pt":
         try:
@@ -62,7 +66,7 @@ def read_document(path: str | os.PathLike, error: type[EplbdError], what: str) -
                         f"{_first_line(exc)}") from None
     try:
         return json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise error(f"{what} file {str(p)!r} is not valid JSON: {exc}") from None
 
 
