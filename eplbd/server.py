@@ -46,6 +46,7 @@ log = logging.getLogger("eplbd.server")
 
 TICK_S = 0.05
 METRICS_REFRESH_S = 1.0
+MALFORMED_LOG_INTERVAL_S = 1.0
 INGEST_BATCH = 32  # reports drained per wake-up (~0.4 ms each at DSV3 scale): bounds the RPC wait under load
 
 
@@ -123,6 +124,7 @@ class Daemon:
         self.metrics_port = -1
         self._curve: CurveSetup | None = None  # CURVE keys (settings.curve_*), loaded at start
         self._auth: ZapAuthenticator | None = None
+        self._malformed_log_at, self._malformed_unlogged = -MALFORMED_LOG_INTERVAL_S, 0
         self._last_logged_step = -1
         self._last_refresh = 0.0
 
@@ -265,7 +267,7 @@ class Daemon:
         except Exception as exc:  # ProtocolError, or a bug: either way one report, not the loop
             self.state.counters.reports_received += 1
             self.state.counters.drop("malformed")
-            log.info("dropped malformed report: %s", exc)
+            self._log_malformed(exc)
             return
         if self.state.window is None:
             self.state.counters.reports_received += 1
@@ -276,6 +278,16 @@ class Daemon:
         except Exception:
             log.exception("internal error applying a report")
             self.state.counters.drop("internal_error")
+
+    def _log_malformed(self, exc: Exception) -> None:
+        """One line per ``MALFORMED_LOG_INTERVAL_S`` at most: a peer spraying garbage must not flood the
+        log (the counter has every one)."""
+        self._malformed_unlogged += 1
+        now = time.monotonic()
+        if now - self._malformed_log_at >= MALFORMED_LOG_INTERVAL_S:
+            log.info("dropped malformed report: %s (%d malformed since the last such line)", exc,
+                     self._malformed_unlogged)
+            self._malformed_log_at, self._malformed_unlogged = now, 0
 
     async def _rpc_loop(self) -> None:
         while not self._stop.is_set():
