@@ -27,7 +27,6 @@ daemon slower than the senders could buffer gigabytes. If a receiver's RSS excee
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -37,7 +36,7 @@ import sys
 import tempfile
 import time
 
-from daemon_bench import (LAYERS, LOGICAL, TOKENS_PER_RANK_STEP, Children, SendCounter, child_get, pcts,
+from daemon_bench import (LAYERS, LOGICAL, TOKENS_PER_RANK_STEP, Children, SendCounter, child_get, emit, pcts,
                           proc_cpu_s, proc_rss_gb, reconcile, spread_over_replicas, start_daemon)
 
 PHYSICAL, RANKS = 320, 64
@@ -411,14 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"daemon exit code {d['exit_code']} after SIGTERM")
     out["problems"] = problems
 
-    if args.json:
-        print(json.dumps(out, default=str))
-    else:
-        _table(out)
-    if problems:
-        print("UNEXPLAINED / FAILED: " + "; ".join(problems) + f" (daemon log: {log_path})", file=sys.stderr)
-        return 1
-    return 0
+    return emit(out, args.json, _table, "UNEXPLAINED / FAILED", log_path)
 
 
 def _table(out: dict) -> None:

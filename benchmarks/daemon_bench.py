@@ -191,3 +191,22 @@ def reconcile(sent: dict, received: int, reasons: dict) -> dict:
 def rejected_after_receipt(reasons: dict) -> dict:
     """Drop reasons for reports the daemon received and then refused (not seq gaps)."""
     return {k: v for k, v in reasons.items() if k not in NOT_RECEIVED_REASONS and v}
+
+
+# -- output ---------------------------------------------------------------------------------
+def emit(out: dict, as_json: bool, table, label: str, log_path: str) -> int:
+    """Print ``out`` as one JSON object or through ``table(out)``; then ``out["problems"]`` on stderr.
+
+    Returns:
+        The exit status: 1 if there are problems, else 0.
+    """
+    import json
+
+    if as_json:
+        print(json.dumps(out, default=str))
+    else:
+        table(out)
+    if out["problems"]:
+        print(f"{label}: " + "; ".join(out["problems"]) + f" (daemon log: {log_path})", file=sys.stderr)
+        return 1
+    return 0
