@@ -83,7 +83,8 @@ def layer_schedule(layer: int, old: torch.Tensor, new: torch.Tensor, ep_size: in
 
     Args:
         layer: layer index (carried into the transfers).
-        old, new: ``[num_physical]`` integer phy2log rows.
+        old, new: ``[num_physical]`` integer phy2log rows. A negative entry of ``old`` is an empty
+            slot (a rank that just joined the group, see ``eplbd.elastic``): it sends nothing.
         ep_size: ranks; ``num_physical`` must divide by it.
     """
     old_l, new_l = [int(x) for x in old.tolist()], [int(x) for x in new.tolist()]
@@ -91,10 +92,11 @@ def layer_schedule(layer: int, old: torch.Tensor, new: torch.Tensor, ep_size: in
         raise InvalidArgumentError(f"layer {layer}: old row has {len(old_l)} slots, new row {len(new_l)}")
     if ep_size <= 0 or len(old_l) % ep_size:
         raise InvalidArgumentError(f"layer {layer}: {len(old_l)} slots do not divide over ep_size {ep_size}")
-    if sorted(set(old_l)) != sorted(set(new_l)):
+    held = {e for e in old_l if e >= 0}
+    if held != set(new_l):
         raise InvalidArgumentError(
-            f"layer {layer}: the new placement holds experts {sorted(set(new_l) - set(old_l))} that no slot "
-            f"holds now, or drops {sorted(set(old_l) - set(new_l))}")
+            f"layer {layer}: the new placement holds experts {sorted(set(new_l) - held)} that no slot "
+            f"holds now, or drops {sorted(held - set(new_l))}")
     n = len(old_l) // ep_size
     holders: dict[int, list[tuple[int, int]]] = {}  # logical -> [(rank, local slot)] under the old placement
     for slot, e in enumerate(old_l):

@@ -90,6 +90,7 @@ __all__ = [
     "TraceRouting",
     "logical_expert_weights",
     "local_expert_weights",
+    "unfilled_expert_weights",
     "router_weights",
     "make_inputs",
     "reference_forward",
@@ -364,6 +365,31 @@ def local_expert_weights(config: RefMoEConfig, phy2log: torch.Tensor, rank: int,
     return out
 
 
+def unfilled_expert_weights(config: RefMoEConfig) -> list[list[torch.Tensor]]:
+    """Slot tensors of one rank with no expert in them yet (NaN, so a slot left unfilled shows in the
+    output): a joining rank's starting point in an elastic resize."""
+    return [[torch.full(shape, math.nan, dtype=config.dtype) for shape in _slot_shapes(config)]
+            for _ in range(config.num_layers)]
+
+
+def _slot_shapes(config: RefMoEConfig) -> list[list[int]]:
+    nl, H, I = config.num_local_physical, config.hidden, config.ffn
+    return [[nl, 2 * I, H], [nl, H, I], [nl, 1]]
+
+
+def _adopt_expert_weights(config: RefMoEConfig, weights: Sequence[Sequence[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """Check that ``weights`` have the shapes and dtype of one rank's slots under ``config``."""
+    want = _slot_shapes(config)
+    if len(weights) != config.num_layers:
+        raise InvalidArgumentError(f"expert_weights has {len(weights)} layers, the config {config.num_layers}")
+    for layer, tensors in enumerate(weights):
+        got = [list(t.shape) if isinstance(t, torch.Tensor) else None for t in tensors]
+        if got != want or any(t.dtype != config.dtype for t in tensors):
+            raise InvalidArgumentError(f"expert_weights[{layer}] are {got} of "
+                                       f"{[getattr(t, 'dtype', None) for t in tensors]}, expected {want} of {config.dtype}")
+    return [list(tensors) for tensors in weights]
+
+
 def router_weights(config: RefMoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Replicated router: weight ``[L, E, hidden]`` and bias ``[L, E]`` (the bias skews the load)."""
     g = _generator(config.seed, 10 ** 6, 4)
@@ -447,6 +473,10 @@ class RefMoEModel:
         rank: this rank's index in ``group``.
         group: a gloo ``ProcessGroup`` of the ``ep_size`` ranks, or ``None`` when ``ep_size == 1``.
         phy2log: initial placement ``[num_layers, num_physical]``; the slots are filled from it.
+        expert_weights: slot tensors to adopt instead (per layer ``[w_gate_up, w_down, scale]``, each
+            ``[num_local, ...]``): an elastic rebuild for a resized group keeps a surviving rank's
+            tensors, or starts a joining rank with ``unfilled_expert_weights``; the slots then do not
+            match ``phy2log`` until ``eplbd.client.elastic.rebuild_experts`` has filled them.
 
     Attributes (live; other components update them in place):
         expert_weights: per layer ``[w_gate_up [nl, 2*ffn, hidden], w_down [nl, hidden, ffn],
@@ -457,7 +487,7 @@ class RefMoEModel:
     """
 
     def __init__(self, config: RefMoEConfig, rank: int, group: dist.ProcessGroup | None,
-                 phy2log: torch.Tensor) -> None:
+                 phy2log: torch.Tensor, *, expert_weights: Sequence[Sequence[torch.Tensor]] | None = None) -> None:
         if not isinstance(config, RefMoEConfig):
             raise InvalidArgumentError(f"config must be a RefMoEConfig, got {type(config).__name__}")
         if not _is_int(rank) or not 0 <= rank < config.ep_size:
@@ -489,7 +519,9 @@ class RefMoEModel:
         self.expert_load_view = torch.zeros((L, P), dtype=torch.int64)
         self._capacity = 0  # rows per rank in the input exchange, agreed by all ranks (see _gather_inputs)
         self.load_placement_(phy2log)
-        self.expert_weights: list[list[torch.Tensor]] = local_expert_weights(config, self.phy2log, self.rank)
+        self.expert_weights: list[list[torch.Tensor]] = (
+            local_expert_weights(config, self.phy2log, self.rank) if expert_weights is None
+            else _adopt_expert_weights(config, expert_weights))
         self.router_weight, self.router_bias = router_weights(config)
 
     # ---- MixtureOfExperts surface
@@ -508,6 +540,17 @@ class RefMoEModel:
         self.expert_load_view = expert_load_view
         self.log2phy = logical_to_physical_map
         self.logcnt = logical_replica_count
+
+    def load_expert_weights_(self, layer: int, slot: int, logical: int) -> None:
+        """Engine hook of elastic EP: reload logical expert ``logical`` of ``layer`` into local slot
+        ``slot`` from the checkpoint (here: the deterministic weights), every tensor of it, in place."""
+        nl, E = self.num_local_physical_experts, self.num_logical_experts
+        if not (_is_int(layer) and 0 <= layer < self.num_moe_layers and _is_int(slot) and 0 <= slot < nl
+                and _is_int(logical) and 0 <= logical < E):
+            raise InvalidArgumentError(f"load_expert_weights_(layer={layer!r}, slot={slot!r}, logical={logical!r}): "
+                                       f"need layer < {self.num_moe_layers}, slot < {nl}, logical < {E}")
+        for live, full in zip(self.expert_weights[layer], _logical_layer(self.config, layer)):
+            live[slot].copy_(full[logical])
 
     def placement_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The live ``(phy2log, log2phy, logcnt)``."""

@@ -281,6 +281,17 @@ class LoadWindow:
         self.epoch = epoch
         self._cur_map = self._maps.get(epoch)
 
+    def reshape_physical(self, num_physical: int, epoch: int) -> None:
+        """The EP group was resized (``eplbd.elastic``): switch to ``epoch``, whose placement has
+        ``num_physical`` slots per layer. The rows held so far are folded into logical space first,
+        so the logical view (what the policies read) is unchanged; the physical view restarts empty,
+        and reports of the old shape are refused as ``bad_shape``."""
+        self._fold_physical()
+        self.epoch, self.num_physical = epoch, num_physical
+        self._phy = np.zeros((self.window_size, self.num_layers, num_physical), np.int32)
+        self._phy_sum = np.zeros((self.num_layers, num_physical), np.int64)
+        self._maps = {}
+
     def _fold_physical(self) -> None:
         held = np.flatnonzero(self._phy_epoch == self.epoch)
         if held.size and self._cur_map is not None:

@@ -23,6 +23,7 @@ from eplbd.errors import EplbdError, InternalError, InvalidArgumentError, Unexpe
 
 from .base import PLAN_STATES, PROTOCOL_VERSION, ROLES, MessageBase, check_version
 from .operator_messages import (
+    AbortInfo,
     BalancednessReply,
     BalancednessRequest,
     BalanceStats,
@@ -38,6 +39,10 @@ from .operator_messages import (
     PlanInfo,
     RebalanceReply,
     RebalanceRequest,
+    ResizeInfo,
+    ResizeReply,
+    ResizeRequest,
+    GetResizeRequest,
     ResumeRequest,
     SetConfigRequest,
     StatusReply,
@@ -104,6 +109,7 @@ Message = Union[
     GetPlanRequest, PlanInfo, GetPlacementRequest, PlacementReply,
     DumpWindowRequest, DumpWindowReply, LoadPlacementRequest,
     GetConfigRequest, SetConfigRequest, ConfigReply, ErrorReply,
+    ResizeRequest, GetResizeRequest, ResizeReply,
 ]  # fmt: skip
 MESSAGE_TYPES: tuple[type, ...] = Message.__args__
 
@@ -124,12 +130,16 @@ REPLY_TYPE_FOR: dict[type, type] = {
     GetPlacementRequest: PlacementReply,
     DumpWindowRequest: DumpWindowReply,
     LoadPlacementRequest: RebalanceReply,
+    ResizeRequest: ResizeReply,
+    GetResizeRequest: ResizeReply,
     GetConfigRequest: ConfigReply,
     SetConfigRequest: ConfigReply,
 }
 REQUEST_TYPES: tuple[type, ...] = tuple(REPLY_TYPE_FOR)
-WORKER_REQUEST_TYPES: tuple[type, ...] = (Hello, RegisterWorker, Heartbeat, LayerReady, Ack, Abort)
-OPERATOR_REQUEST_TYPES: tuple[type, ...] = tuple(t for t in REQUEST_TYPES if t not in WORKER_REQUEST_TYPES or t is Hello)
+# GetResizeRequest (read-only) is both roles': the ranks of a resized group fetch their transition with it.
+WORKER_REQUEST_TYPES: tuple[type, ...] = (Hello, RegisterWorker, Heartbeat, LayerReady, Ack, Abort, GetResizeRequest)
+OPERATOR_REQUEST_TYPES: tuple[type, ...] = tuple(t for t in REQUEST_TYPES
+                                                 if t not in WORKER_REQUEST_TYPES or t in (Hello, GetResizeRequest))
 REPLY_TYPES: tuple[type, ...] = tuple(dict.fromkeys([*REPLY_TYPE_FOR.values(), ErrorReply]))
 PUSH_TYPES: tuple[type, ...] = (Plan, Commit, Abort)  # daemon -> worker, unsolicited
 
@@ -151,11 +161,12 @@ def expect(msg: Message, allowed: tuple[type, ...], where: str) -> Message:
 __all__ = [
     "MESSAGE_TYPES", "OPERATOR_REQUEST_TYPES", "PLAN_STATES", "PROTOCOL_VERSION", "PUSH_TYPES",
     "REPLY_TYPES", "REPLY_TYPE_FOR", "REQUEST_TYPES", "ROLES", "WORKER_REQUEST_TYPES",
-    "Abort", "Ack", "BalanceStats", "BalancednessReply", "BalancednessRequest", "Commit",
+    "Abort", "AbortInfo", "Ack", "BalanceStats", "BalancednessReply", "BalancednessRequest", "Commit",
     "ConfigReply", "DumpWindowReply", "DumpWindowRequest", "ErrorReply", "GetConfigRequest",
     "GetPlacementRequest", "GetPlanRequest", "Heartbeat", "Hello", "LayerReady",
     "LoadPlacementRequest", "LoadReport", "Message", "OkReply", "PauseRequest", "PlacementReply",
     "Plan", "PlanInfo", "RebalanceReply", "RebalanceRequest", "Registered", "RegisterWorker",
+    "ResizeInfo", "ResizeReply", "ResizeRequest", "GetResizeRequest",
     "ResumeRequest", "SetConfigRequest", "StatusReply", "StatusRequest", "Welcome", "WorkerInfo",
     "MessageBase", "check_version", "expect",
 ]  # fmt: skip

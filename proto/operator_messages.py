@@ -7,6 +7,8 @@ from typing import Any
 import msgspec
 import torch
 
+from eplbd.errors import InvalidArgumentError
+
 from .base import MessageBase, check_tensor
 
 
@@ -19,6 +21,21 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     node: int = 0
     epoch: int = -1
     hostname: str = ""
+
+
+class AbortInfo(msgspec.Struct, kw_only=True):
+    """The daemon's last plan abort: which plan, which rank failed (-1: none in particular, e.g. a
+    plan timeout), why, when (unix time), the cause (``timeout``, ``stalled``, ``rank_dead``,
+    ``rank_failed``, ``reregistered``), the rank that reported it (-1: the daemon's own watchdog)
+    and the layers kept (a permitted layer is never taken back; the plan then commits with them)."""
+
+    plan_id: int
+    rank: int
+    reason: str
+    at: float
+    cause: str = ""
+    reported_by: int = -1
+    kept_layers: list[int] = msgspec.field(default_factory=list)
 
 
 class BalanceStats(msgspec.Struct, kw_only=True):
@@ -75,6 +92,14 @@ class StatusReply(MessageBase):
     policy: str = ""
     next_rebalance_step: int = -1
     uptime_s: float = 0.0
+    # Watchdog: when the last plan committed (unix time, 0: never), the last abort, how many plans
+    # in a row ended aborted, and whether rebalancing is stuck (then /healthz fails) and why.
+    last_commit_at: float = 0.0
+    last_abort: AbortInfo | None = None
+    aborts_in_a_row: int = 0
+    rebalancing_stuck: bool = False
+    stuck_reason: str = ""
+    resize: ResizeInfo | None = None  # the latest elastic resize (None: never resized)
 
 
 class BalancednessRequest(MessageBase):
@@ -186,3 +211,69 @@ class SetConfigRequest(MessageBase):
 
 class ConfigReply(MessageBase):
     config: dict[str, Any]
+
+
+# --- elastic EP (see eplbd.elastic) ---------------------------------------------
+class ResizeInfo(msgspec.Struct, kw_only=True):
+    """A resize of the EP group (ranks left or joined), as ``status`` shows it.
+
+    ``mapping[old_rank]`` is the rank's new number, -1 when it left; new ranks nobody maps to joined
+    empty. ``orphans[layer]``: logical experts whose only copies were on removed ranks (the engine
+    reloads them; see ``eplbd.client.elastic``). ``registered``: ranks of the new group registered
+    since the resize; ``complete`` once all have. ``drained_plan``/``drain``: the plan that was in
+    flight (0: none) and what became of it.
+    """
+
+    epoch: int
+    base_epoch: int
+    old_ep_size: int
+    ep_size: int
+    mapping: list[int]
+    orphans: list[list[int]]
+    registered: list[int] = msgspec.field(default_factory=list)
+    complete: bool = False
+    moved_slots: int = 0
+    reload_slots: int = 0
+    drained_plan: int = 0
+    drain: str = ""
+    created_at: float = 0.0  # unix time
+
+
+class ResizeRequest(MessageBase):
+    """Elastic EP: ranks leave or join. ``mapping[old_rank]`` = new rank, or -1 when it leaves;
+    ``ep_size``: the new group size (0: the number of surviving ranks). Answered by ``ResizeReply``."""
+
+    mapping: list[int]
+    ep_size: int = 0
+    dry_run: bool = False
+
+
+class GetResizeRequest(MessageBase):
+    """The latest resize; ranks of the new group fetch their transition with it. Answered by
+    ``ResizeReply`` (``NotFoundError`` when the group was never resized)."""
+
+    epoch: int | None = None  # the resize that produced this epoch (None: the latest)
+
+
+class ResizeReply(MessageBase):
+    """A resize and the transition to it.
+
+    ``phy2log``: [num_layers, ep_size * num_local_physical_experts] int64, the new group's placement
+    (epoch ``info.epoch``). ``base``: same shape, the old placement in new-rank coordinates (a
+    surviving rank's slots as they are, -1 on joining ranks). ``dry_run``: computed, nothing changed.
+    """
+
+    info: ResizeInfo
+    phy2log: torch.Tensor
+    base: torch.Tensor
+    num_local_physical_experts: int
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        check_tensor("ResizeReply.phy2log", self.phy2log, 2, (torch.int64,))
+        check_tensor("ResizeReply.base", self.base, 2, (torch.int64,))
+        want = [self.phy2log.shape[0], self.info.ep_size * self.num_local_physical_experts]
+        for name, t in (("phy2log", self.phy2log), ("base", self.base)):
+            if list(t.shape) != want:
+                raise InvalidArgumentError(f"ResizeReply.{name} has shape {list(t.shape)}, expected {want} "
+                                           "([num_layers, ep_size * num_local_physical_experts])")

@@ -69,7 +69,7 @@ def examples() -> list[m.MessageBase]:
             rank=1, ep_size=2, node=1, num_nodes=2, worker_id="r1-5f0c", num_layers=3,
             num_logical_experts=6, num_physical_experts=8, num_local_physical_experts=4,
             num_groups=2, epoch=4, phy2log=_phy2log(3), expert_bytes=1 << 20,
-            communicator="torch_gloo", step=100, hostname="node-b", pid=4242, req_id=2,
+            communicator="torch_gloo", step=100, hostname="node-b", pid=4242, last_plan_id=6, req_id=2,
         ),  # fmt: skip
         m.Registered(
             epoch=4, phy2log=_phy2log(3), plan=_plan(), daemon_id="d-1", heartbeat_interval_s=1.0,
@@ -84,7 +84,7 @@ def examples() -> list[m.MessageBase]:
         m.LayerReady(rank=1, plan_id=7, epoch=3, layers=[0], worker_id="r1-5f0c", req_id=13),
         m.Commit(plan_id=7, epoch=3, layers=[0, 2], req_id=14),
         m.Ack(rank=1, plan_id=7, epoch=3, layers=[0, 2], step=160, worker_id="r1-5f0c", req_id=15),
-        m.Abort(plan_id=7, epoch=3, reason="transfer failed", rank=1, keep_layers=[0], req_id=16),
+        m.Abort(plan_id=7, epoch=3, reason="transfer failed", rank=1, keep_layers=[0], peer=2, req_id=16),
         m.StatusRequest(req_id=20),
         m.StatusReply(
             epoch=4, step=1234, paused=True, req_id=20,
@@ -93,6 +93,10 @@ def examples() -> list[m.MessageBase]:
             window_fill=900, window_size=1000, current_plan=_plan_info(), last_decision_reason="gain too low",
             reports_received=500, reports_dropped=2, drop_reasons={"stale_epoch": 1, "gap": 1},
             daemon_id="d-1", ep_size=2, policy="default", next_rebalance_step=3000, uptime_s=12.5,
+            last_commit_at=1.7e9, aborts_in_a_row=3, rebalancing_stuck=True, stuck_reason="3 aborts",
+            last_abort=m.AbortInfo(plan_id=6, rank=2, reason="rank 2 sent nothing for 11.0s", at=1.7e9,
+                                   cause="rank_dead", reported_by=0, kept_layers=[1]),
+            resize=_resize_info(),
         ),  # fmt: skip
         m.BalancednessRequest(per_layer=True, per_rank=True, req_id=21),
         m.BalancednessReply(
@@ -120,7 +124,17 @@ def examples() -> list[m.MessageBase]:
         m.SetConfigRequest(key="window_size", value={"nested": [1, 2.5, "x", None, True]}, req_id=30),
         m.ConfigReply(config={"window_size": 500, "policy": "default", "log_balancedness": True}, req_id=30),
         m.ErrorReply(code=302, name="stale_epoch", message="epoch 2 is stale", req_id=31),
+        m.ResizeRequest(mapping=[0, 1, 2, -1], ep_size=3, dry_run=True, req_id=32),
+        m.GetResizeRequest(epoch=5, req_id=33),
+        m.ResizeReply(info=_resize_info(), phy2log=_phy2log(3, 6), base=_phy2log(3, 6) - 1,
+                      num_local_physical_experts=2, dry_run=True, req_id=32),
     ]
+
+
+def _resize_info() -> m.ResizeInfo:
+    return m.ResizeInfo(epoch=5, base_epoch=4, old_ep_size=4, ep_size=3, mapping=[0, 1, 2, -1],
+                        orphans=[[7], [], [0, 1]], registered=[0, 2], complete=True, moved_slots=3,
+                        reload_slots=3, drained_plan=6, drain="aborted", created_at=1.7e9)
 
 
 def _is_default(info: msgspec.structs.FieldInfo, value) -> bool:
