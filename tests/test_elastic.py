@@ -155,3 +155,30 @@ def test_window_reshape_keeps_the_logical_view():
     assert win.logical_load().sum() == before.sum() + 18 and win.snapshot().physical.sum() == 18
     with pytest.raises(InvalidArgumentError, match="bad_shape|is not"):
         win.add(4, load[:1], OLD, epoch=0)
+
+
+# -- the reference model's side of a rebuild ------------------------------------------------------------
+def test_refmodel_adopts_slot_tensors_and_reloads_experts_through_its_hook():
+    from eplbd.refmodel import (RefMoEConfig, RefMoEModel, local_expert_weights, make_inputs, reference_forward,
+                                unfilled_expert_weights)
+
+    cfg = RefMoEConfig(num_layers=2, hidden=16, ffn=32, num_logical=E, top_k=2, num_redundant=4, ep_size=1)
+    phy2log = torch.cat([OLD[:, :6], OLD[:, 9:], OLD[:, 6:9]], dim=1)  # any valid placement of 12 slots
+    model = RefMoEModel(cfg, 0, None, phy2log, expert_weights=unfilled_expert_weights(cfg))
+    assert all(t.isnan().all() for layer in model.expert_weights for t in layer)
+    for layer in range(2):
+        for slot in range(12):
+            model.load_expert_weights_(layer, slot, int(phy2log[layer, slot]))
+    want = local_expert_weights(cfg, phy2log, 0)
+    assert all(torch.equal(a, b) for la, lb in zip(model.expert_weights, want) for a, b in zip(la, lb))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = make_inputs(cfg, 0, 0, 10)
+        assert torch.equal(model.forward(x), reference_forward(cfg, x))
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(InvalidArgumentError, match=r"slot=12.*slot < 12"):
+        model.load_expert_weights_(0, 12, 0)
+    with pytest.raises(InvalidArgumentError, match=r"expert_weights\[0\] are \[\[12, 64, 16\], \[12, 16, 32\]\]"):
+        RefMoEModel(cfg, 0, None, phy2log, expert_weights=[w[:2] for w in unfilled_expert_weights(cfg)])

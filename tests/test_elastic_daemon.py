@@ -135,3 +135,24 @@ def test_eplbctl_resize_dry_run_and_bad_mapping(capsys):
         assert eplbctl(["--endpoint", d.rpc, "resize", "--mapping", "0,0,1,2,3"]) == 1
         assert "mapping[0] and mapping[1] both name new rank 0" in capsys.readouterr().err
         close(links)
+
+
+def test_a_rank_refuses_to_rebuild_from_slots_the_daemon_did_not_plan_from():
+    from eplbd.client.elastic import check_base, fetch_resize
+
+    with DaemonThread(step_interval=10_000) as d, EplbClient(d.rpc) as c:
+        links, phy2log = make_ranks(d)
+        with pytest.raises(errors.UnavailableError, match=r"no resize to 3 ranks after epoch 0 within 0.2s "
+                                                          r"\(the group has not been resized\)"):
+            fetch_resize(links[0], ep_size=3, after_epoch=0, timeout=0.2)
+        c.resize(SHRINK)
+        reply = fetch_resize(links[0], ep_size=3, after_epoch=0, timeout=5)
+        check_base(reply, 2, phy2log)  # new rank 2 was rank 3 and runs what the daemon planned from
+        stale = phy2log.clone()
+        stale[1, 3 * NL] = 5  # say a plan the daemon thinks aborted was applied on old rank 3
+        with pytest.raises(errors.PlacementError, match=r"rank 2 \(rank 3 before the resize\) holds \[5, 2, 3\] in "
+                                                        r"layer 1, but the daemon planned the resize from \[1, 2, 3\]"):
+            check_base(reply, 2, stale)
+        with pytest.raises(errors.InvalidArgumentError, match="pass its old phy2log"):
+            check_base(reply, 0, None)
+        close(links)
