@@ -12,13 +12,15 @@
 
 Ctrl-C or SIGTERM to the launcher stops everything: torchrun first (SIGTERM; torchrun stops its
 ranks, which also die with torchrun if it is killed), then the daemon. Both children run in
-sessions of their own, so a terminal's Ctrl-C reaches only the launcher and the order holds.
+sessions of their own, so a terminal's Ctrl-C reaches only the launcher and the order holds; if the
+launcher itself is killed (SIGKILL), the kernel sends both SIGTERM (``die_with_parent``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import os
 import pathlib
@@ -67,6 +69,29 @@ class LaunchConfig:
 
 
 # -- children --------------------------------------------------------------------------------------
+def die_with_parent() -> None:
+    """Ask the kernel to send this process SIGTERM when its parent exits, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG; elsewhere a no-op). SIGTERM is the normal stop path of the daemon, torchrun and
+    the ranks, so a killed launcher still leaves no orphans."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
+def exec_tied(argv: list[str]) -> None:
+    """``python -c ... PARENT_PID CMD...``: ``die_with_parent``, then exec CMD (the setting survives exec)."""
+    die_with_parent()
+    if os.getppid() != int(argv[0]):  # the launcher died before the setting took
+        sys.exit(1)
+    os.execv(argv[1], argv[1:])
+
+
+def tied(argv: list[str]) -> list[str]:
+    """Returns: ``argv`` wrapped to run with ``die_with_parent`` set for this (the launcher's) process."""
+    return [sys.executable, "-c", "import sys; from eplbd.launch import exec_tied; exec_tied(sys.argv[1:])",
+            str(os.getpid()), *argv]
+
+
 def daemon_settings(cfg: LaunchConfig, env: Mapping[str, str]) -> dict[str, Any]:
     """The settings the launcher passes to ``eplbd serve`` as flags: the ones given to it, plus
     ``REFERENCE_DAEMON`` for each key that neither they, ``EPLBD_*`` nor the ``--config`` file set.
@@ -102,10 +127,11 @@ class _Daemon:
     def __init__(self, argv: list[str], log_path: pathlib.Path) -> None:
         self.log_path = log_path
         self._log = log_path.open("ab")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(tied(argv), stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL,
                                      text=True, start_new_session=True)
         self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, name="eplbd-stdout", daemon=True).start()
+        self._reader = threading.Thread(target=self._read, name="eplbd-stdout", daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -134,12 +160,14 @@ class _Daemon:
                           f"{self.proc.poll()}); last lines of {self.log_path}:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 15) -> str:
-        self._log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, grace_s: float) -> int:
         """SIGTERM, then SIGKILL after ``grace_s``. Returns: the exit code (negative: killed by that signal)."""
         rc = _terminate(self.proc, grace_s)
+        self._reader.join(5)  # at EOF once the daemon is gone
+        if not self._reader.is_alive() and self.proc.stdout is not None:
+            self.proc.stdout.close()
         self._log.close()
         return rc
 
@@ -230,7 +258,7 @@ def launch(cfg: LaunchConfig, say: Callable[[str], None] = lambda line: None) ->
                 say(f"eplbd (pid {daemon.proc.pid}) ready: rpc={ready['rpc']} ingest={ready['ingest']} "
                     f"metrics_port={ready['metrics_port']} (log {daemon.log_path})")
                 say("engine: torchrun " + " ".join(argv[3:]))
-                engine = subprocess.Popen(argv, env=engine_env(ready["rpc"], ready["ingest"],
+                engine = subprocess.Popen(tied(argv), env=engine_env(ready["rpc"], ready["ingest"],
                                                                rank_cfg.commit_interval_steps),
                                           stdin=subprocess.DEVNULL, start_new_session=True)
                 engine_rc = _follow(engine, daemon, client, cfg.timeout_s, say)

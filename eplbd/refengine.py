@@ -20,11 +20,9 @@ reporter statistics) and ``rank-<r>.npz`` (per-step ``loads [steps, layers, num_
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import pathlib
-import signal
 import sys
 from typing import Any, Mapping
 
@@ -149,16 +147,6 @@ def daemon_wiring(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[str
     return rpc, ingest, interval
 
 
-def _die_with_parent() -> None:
-    # torchrun starts each rank in a session of its own and stops them on its way out; if torchrun
-    # itself is killed (SIGKILL), this makes the kernel send the rank SIGTERM instead of orphaning it.
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eplbd.refengine", allow_abbrev=False,
                                 description="One EP rank of the reference MoE model under torchrun, "
@@ -177,6 +165,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     import torch.distributed as dist
 
     from eplbd.demo import run_rank
+    from eplbd.launch import die_with_parent
 
     env = os.environ if env is None else env
     args = build_parser().parse_args(argv)
@@ -185,7 +174,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     cfg = rank_config(args, ranks=world, commit_interval_steps=interval)
     if cfg.routing == "trace" and not pathlib.Path(cfg.trace).is_file():
         raise InvalidArgumentError(f"routing trace {cfg.trace!r} not found (pass --trace or --routing router)")
-    _die_with_parent()
+    die_with_parent()  # torchrun stops its ranks on the way out; if it is killed, the kernel does
     dist.init_process_group("gloo")
     try:
         result = run_rank(rank, cfg, rpc, ingest)

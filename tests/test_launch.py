@@ -78,7 +78,15 @@ time.sleep(600)  # an engine serving until it is told to stop
 """
 
 
-def test_any_engine_gets_the_endpoints_and_ctrl_c_stops_it_then_the_daemon(tmp_path):
+def wait_gone(text: str, timeout: float = 60.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := processes_mentioning(text)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "launcher-killed"])
+def test_any_engine_gets_the_endpoints_and_a_stopped_launcher_leaves_nothing(tmp_path, sig):
     script = tmp_path / "engine.py"
     script.write_text(ENGINE)
     proc = subprocess.Popen([*EPLBD, "launch", "--ranks", "2", "--commit-interval-steps", "5", "--result-dir",
@@ -100,17 +108,33 @@ def test_any_engine_gets_the_endpoints_and_ctrl_c_stops_it_then_the_daemon(tmp_p
             assert doc["EPLBD_RPC"] == ready["rpc"] and doc["EPLBD_INGEST"] == ready["ingest"]
             assert doc["EPLBD_COMMIT_INTERVAL_STEPS"] == "5" and doc["epoch"] == 0  # reached the daemon
         assert alive(daemon_pid) and len(processes_mentioning(str(script))) >= 3  # torchrun + 2 ranks
-        os.kill(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends the launcher
+        os.kill(proc.pid, sig)  # SIGINT: a terminal's Ctrl-C; SIGKILL: the launcher gets no say
         rc = proc.wait(120)
         rest = proc.stdout.read()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.stdout.close()
-    assert rc == 130, rest
+    assert rc == (130 if sig == signal.SIGINT else -signal.SIGKILL), rest
+    assert not wait_gone(str(tmp_path)), "left running"  # the daemon's command line has it too (its log)
     assert not alive(daemon_pid)
-    assert not processes_mentioning(str(tmp_path))
     assert (tmp_path / "eplbd.log").read_text().rstrip().endswith("eplbd stopped")  # SIGTERM-ed, not killed
+
+
+def test_a_daemon_that_cannot_start_is_reported_with_its_log(tmp_path):
+    import socket
+
+    from eplbd.errors import UnavailableError
+    from eplbd.launch import launch
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        rpc = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+        cfg = LaunchConfig(rank=DemoConfig(ranks=2), daemon_settings={"rpc": rpc}, result_dir=str(tmp_path))
+        with pytest.raises(UnavailableError, match="did not become ready") as err:
+            launch(cfg)
+    assert "Address already in use" in str(err.value) and not processes_mentioning(str(tmp_path))
 
 
 # -- pure pieces -----------------------------------------------------------------------------------
