@@ -39,7 +39,7 @@ from eplbd.settings import FIELDS, DaemonSettings, load_settings
 from eplbd.trace import load_trace
 
 SEED = 20_260_601
-N_RANDOM_PER_SOCKET = 1500
+N_RANDOM_PER_SOCKET = 2500
 RPC_WINDOW = 64  # requests in flight before their replies are read (bounded: the daemon never queues past HWM)
 MAX_FRAME = 1 << 20
 POLL_MS = 10_000
