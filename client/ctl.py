@@ -62,6 +62,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any, Callable
 
 import msgspec
@@ -144,6 +145,7 @@ def render_status(s: Any, args: argparse.Namespace) -> list[str]:
            f"epoch {s.epoch}  step {s.step}  paused {_cell(s.paused)}  window {s.window_fill}/{s.window_size}  "
            f"EP size {s.ep_size}  next re-plan at step {s.next_rebalance_step}",
            f"last decision: {s.last_decision_reason or '-'}",
+           *_watchdog_lines(s),
            f"reports: {s.reports_received} received, {s.reports_dropped} dropped" + (f" ({drops})" if drops else ""),
            f"workers ({len(s.workers)}):"]
     out += table(["rank", "worker", "alive", "last seen", "epoch", "host"],
@@ -151,6 +153,18 @@ def render_status(s: Any, args: argparse.Namespace) -> list[str]:
                   for w in sorted(s.workers, key=lambda w: w.rank)])
     out += _resize_lines(s.resize) if s.resize else []
     return out + (render_plan(s.current_plan) if s.current_plan else ["plan: none yet"])
+
+
+def _watchdog_lines(s: Any) -> list[str]:
+    """Whether rebalancing is stuck, when the last plan committed, and the last abort."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.last_commit_at)) if s.last_commit_at else "never"
+    out = [f"rebalancing: {'STUCK: ' + s.stuck_reason if s.rebalancing_stuck else 'ok'}  last commit {when}  "
+           f"aborts in a row {s.aborts_in_a_row}"]
+    if s.last_abort is not None:
+        a = s.last_abort
+        who = f"rank {a.rank}" if a.rank >= 0 else "no rank in particular"
+        out.append(f"last abort: plan {a.plan_id} ({a.cause}, {who}): {a.reason}")
+    return out
 
 
 def render_balancedness(b: Any, args: argparse.Namespace) -> list[str]:

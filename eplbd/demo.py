@@ -11,7 +11,9 @@ bitwise with the output before any rearrangement (the invariant: moving experts 
 changes what the model computes). With ``check_weights`` they also compare every slot's
 tensors with the original expert weights.
 
-``run_demo`` is also what the integration tests drive (smaller shapes, fault injection).
+``run_demo`` is also what the integration tests drive (smaller shapes, fault injection: see
+``eplbd.demo_faults`` for the options that kill ranks or the daemon, cut, duplicate or reorder
+messages, and throttle a rank's load sender).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing as mp
+import os
 import pathlib
 import queue
 import socket
@@ -60,6 +63,22 @@ class DemoConfig:
     seed: int = 0
     timeout_s: float = 300.0
     daemon: bool = True  # False: workers get endpoints nobody serves (the engine must not care)
+    # -- fault injection (tests; see eplbd.demo_faults) --
+    chaos_rank: int = 1  # the rank chaos_fail_batch, chaos_kill_batch and chaos_report_delay_s apply to
+    chaos_kill_batch: int = -1  # chaos_rank SIGKILLs itself as its n-th transfer batch starts
+    chaos_dup_p: float = 0.0  # messages duplicated both ways (daemon pushes, rank replies)
+    chaos_reorder_p: float = 0.0  # messages reordered both ways
+    chaos_report_delay_s: float = 0.0  # chaos_rank's load sender sleeps this long per report
+    report_max_pending_steps: int = 1024
+    collective_timeout_s: float = 60.0  # the agent's gloo groups and transfer batches give up on a dead peer
+    rpc_timeout_s: float = 5.0
+    heartbeat_s: float = 1.0
+    daemon_process: bool = False  # the daemon in its own process, on fixed endpoints (killable)
+    state_dir: str | None = None
+    daemon_settings: dict = dataclasses.field(default_factory=dict)  # more daemon settings
+    daemon_cut: dict = dataclasses.field(default_factory=dict)  # the first daemon's MessageChaos.cut
+    until_stopped: bool = False  # step until DemoHarness.stop_workers() (``steps`` is still the limit)
+    step_sleep_s: float = 0.0
 
 
 def _free_port() -> int:
@@ -68,29 +87,54 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# -- worker process ------------------------------------------------------------------------
-def _worker(rank: int, cfg: DemoConfig, port: int, rpc: str, ingest: str, out_q: Any) -> None:
+# -- one rank --------------------------------------------------------------------------------
+def run_rank(rank: int, cfg: DemoConfig, rpc: str, ingest: str, *, stop_event: Any = None,
+             step_value: Any = None) -> dict:
+    """Run one EP rank of the reference model with a ``PlacementAgent`` for ``cfg.steps`` steps.
+
+    The default process group must already be a gloo group of ``cfg.ranks`` ranks (the demo's
+    worker processes and ``eplbd.refengine`` under torchrun both set one up, then call this).
+
+    Args:
+        rank: this process's rank in the group.
+        cfg: model shape, routing, agent options and step count (the daemon-side fields are unused).
+        rpc: the daemon's ROUTER endpoint.
+        ingest: the daemon's PULL endpoint.
+        stop_event, step_value: a ``DemoHarness``'s stop flag (``cfg.until_stopped``) and step counter.
+
+    Returns:
+        This rank's results: ``loads [steps, layers, num_physical] int32`` (load view per step),
+        ``step_s [steps]``, ``phy2log [layers, num_physical]`` at the end, probe counts and
+        mismatches, agent and reporter statistics; after losing a peer (``cfg.chaos_kill_batch``),
+        ``survivor`` (``eplbd.demo_faults.survivor_report``).
+    """
     import torch
     import torch.distributed as dist
 
     from eplbd.client.agent import Chaos, PlacementAgent, placement_check
+    from eplbd.demo_faults import agreed_stop, group_lost, survivor_report
     from eplbd.policy import initial_placement
     from eplbd.refmodel import RefMoEConfig, RefMoEModel, logical_expert_weights, make_inputs, TraceRouting
 
     torch.set_num_threads(1)
     agent = None
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg.ranks)
         mcfg = RefMoEConfig(num_layers=cfg.layers, hidden=cfg.hidden, ffn=cfg.ffn, num_logical=cfg.num_logical,
                             top_k=cfg.top_k, num_redundant=cfg.num_redundant, ep_size=cfg.ranks, seed=cfg.seed)
         P = cfg.num_logical + cfg.num_redundant
         phy2log = initial_placement(cfg.layers, cfg.num_logical, P, cfg.ranks, "linear")
         model = RefMoEModel(mcfg, rank, dist.group.WORLD, phy2log)
         originals = logical_expert_weights(mcfg) if cfg.check_weights else None
-        chaos = Chaos(cfg.chaos_delay_s, seed=rank, fail_batch=cfg.chaos_fail_batch if rank == 1 else -1)
+        mine = rank == cfg.chaos_rank
+        chaos = Chaos(cfg.chaos_delay_s, seed=rank, fail_batch=cfg.chaos_fail_batch if mine else -1,
+                      kill_batch=cfg.chaos_kill_batch if mine else -1, dup_p=cfg.chaos_dup_p,
+                      reorder_p=cfg.chaos_reorder_p, report_delay_s=cfg.chaos_report_delay_s if mine else 0.0)
         agent = PlacementAgent(model, rank=rank, ep_size=cfg.ranks, rpc=rpc, ingest=ingest, phy2log=phy2log,
                                commit_interval_steps=cfg.commit_interval_steps, communicator=cfg.communicator,
-                               use_async=cfg.use_async, staging_budget_bytes=cfg.staging_budget_bytes, chaos=chaos)
+                               use_async=cfg.use_async, staging_budget_bytes=cfg.staging_budget_bytes, chaos=chaos,
+                               timeout=cfg.rpc_timeout_s, heartbeat_s=cfg.heartbeat_s,
+                               collective_timeout_s=cfg.collective_timeout_s,
+                               report_max_pending_steps=cfg.report_max_pending_steps)
         agent.start()
         deadline = time.monotonic() + (30 if cfg.daemon else 0)
         while agent.stats.registrations == 0 and time.monotonic() < deadline:
@@ -112,13 +156,25 @@ def _worker(rank: int, cfg: DemoConfig, port: int, rpc: str, ingest: str, out_q:
         probes = mismatches = 0
         bad_weights: list[str] = []
         first_apply = -1
+        survivor = None
+        steps_run = 0
         for step in range(cfg.steps):
             t0 = time.perf_counter()
-            x, ids = batch(step, rank)
-            model.forward(x, ids)
-            loads[step] = agent.load_view.numpy()
+            base = (agent.epoch, agent.phy2log.clone()) if cfg.chaos_kill_batch >= 0 else None
             applied_before = agent.stats.layers_applied
-            agent.after_step(step)
+            try:
+                x, ids = batch(step, rank)
+                model.forward(x, ids)
+                loads[step] = agent.load_view.numpy()
+                agent.after_step(step)
+            except BaseException as exc:
+                if base is None or not group_lost(exc):
+                    raise
+                survivor = survivor_report(agent, model, mcfg, *base, step, exc, cfg.collective_timeout_s)
+                break
+            steps_run = step + 1
+            if step_value is not None:
+                step_value.value = step
             step_s[step] = time.perf_counter() - t0
             if agent.stats.layers_applied != applied_before:  # the same on every rank (agreed in-band)
                 first_apply = step if first_apply < 0 else first_apply
@@ -127,29 +183,55 @@ def _worker(rank: int, cfg: DemoConfig, port: int, rpc: str, ingest: str, out_q:
                 if originals is not None:
                     bad_weights += placement_check(model.expert_weights, originals, agent.phy2log, rank,
                                                    model.num_local_physical_experts)
-            if rank == 0 and step % 20 == 0:
-                out_q.put(("progress", {"step": step, "epoch": agent.epoch}))
-        dist.barrier()
+            if cfg.step_sleep_s:
+                time.sleep(cfg.step_sleep_s)
+            if cfg.until_stopped and (step + 1) % cfg.commit_interval_steps == 0 and agreed_stop(stop_event):
+                break
+        if survivor is None:
+            dist.barrier()
         agent.reporter.flush()
         time.sleep(0.3)  # let the last reports and acks go out
         agent.close()
         s = agent.stats
-        out_q.put(("done", rank, {
+        loads, step_s = loads[:steps_run], step_s[:steps_run]
+        return {
+            "survivor": survivor, "sent_steps": getattr(agent.reporter, "sent_steps", None),
             "loads": loads, "step_s": step_s, "probes": probes, "mismatches": mismatches,
             "bad_weights": bad_weights[:20], "first_apply": first_apply, "epoch": agent.epoch,
             "phy2log": agent.phy2log.numpy().copy(), "communicator": agent.communicator,
             "stats": {k: v for k, v in dataclasses.asdict(s).items()},
             "reporter": {"recorded": agent.reporter.steps_recorded, "sent": agent.reporter.steps_sent,
-                         "dropped": agent.reporter.steps_dropped},
-        }))
-        dist.destroy_process_group()
-    except BaseException as exc:  # surfaced by the parent
-        out_q.put(("error", rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+                         "dropped": agent.reporter.steps_dropped, "reports": agent.reporter.reports_sent},
+        }
+    except BaseException:
         if agent is not None:
             try:
                 agent.close()
             except Exception:
                 pass
+        raise
+
+
+def _worker(rank: int, cfg: DemoConfig, port: int, rpc: str, ingest: str, out_q: Any, stop_event: Any = None,
+            step_value: Any = None) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg.ranks,
+                                timeout=datetime.timedelta(seconds=cfg.collective_timeout_s))
+        result = run_rank(rank, cfg, rpc, ingest, stop_event=stop_event, step_value=step_value)
+        out_q.put(("done", rank, result))
+        if result["survivor"] is not None:
+            # The group lost a rank: tearing it down can wait on the dead peer for seconds. What had
+            # to be said is said; leave now.
+            out_q.close()
+            out_q.join_thread()
+            os._exit(0)
+        dist.destroy_process_group()
+    except BaseException as exc:  # surfaced by the parent
+        out_q.put(("error", rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
 
 
 # -- parent ------------------------------------------------------------------------------------
@@ -158,19 +240,18 @@ def _daemon_thread(cfg: DemoConfig):
 
     import uvloop
 
+    from eplbd.demo_faults import daemon_chaos, daemon_cli
     from eplbd.server import Daemon
     from eplbd.settings import load_settings
 
-    settings = load_settings(config_file=None, env={}, cli={
-        "rpc": "tcp://127.0.0.1:0", "ingest": "tcp://127.0.0.1:0", "metrics_port": -1,
-        "window_size": cfg.window_size, "step_interval": cfg.step_interval, "policy": cfg.policy,
-        "commit_interval_steps": cfg.commit_interval_steps, "log_level": "warning"})
+    settings = load_settings(config_file=None, env={},
+                             cli=daemon_cli(cfg, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0"))
     box: dict[str, Any] = {}
     ready = threading.Event()
 
     def run() -> None:
         async def main() -> None:
-            box["daemon"] = Daemon(settings)
+            box["daemon"] = Daemon(settings, chaos=daemon_chaos(cfg, cfg.daemon_cut))
             box["loop"] = asyncio.get_running_loop()
             await box["daemon"].start()
             ready.set()
@@ -207,33 +288,42 @@ def aggregate_balancedness(loads: np.ndarray, num_ranks: int) -> float:
     return summarize(layer_balancedness(per_rank), per_rank).aggregate
 
 
-def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> dict:
-    """Run the demo; returns the summary (see ``eplbd demo --json``)."""
+def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None, hooks: Any = None) -> dict:
+    """Run the demo; returns the summary (see ``eplbd demo --json``).
+
+    ``hooks`` (an ``eplbd.demo_faults.DemoHooks``) run fault scenarios against the run: their
+    results are in the summary under ``"during"`` and ``"after"``. A rank told to kill itself
+    (``cfg.chaos_kill_batch``) is expected to die; the summary covers the others.
+    """
     from eplbd.client.rpc import EplbClient
+    from eplbd.demo_faults import DemoHarness
+    from eplbd.errors import EplbdError
 
     if cfg.routing == "trace" and not pathlib.Path(cfg.trace).is_file():
         from eplbd.errors import TraceError
         raise TraceError(f"routing trace {cfg.trace!r} not found (pass --trace or --routing router)")
-    if cfg.daemon:
-        daemon, stop_daemon = _daemon_thread(cfg)
-        rpc, ingest = daemon.rpc_endpoint, daemon.ingest_endpoint
-    else:
-        rpc, ingest = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
-        stop_daemon = lambda: None  # noqa: E731
     ctx = mp.get_context("spawn")
+    h = DemoHarness(cfg, ctx)
     out_q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, cfg, port, rpc, ingest, out_q), daemon=True)
-             for r in range(cfg.ranks)]
+    procs = [ctx.Process(target=_worker, args=(r, cfg, port, h.rpc, h.ingest, out_q, h.stop_event, h.step_value),
+                         daemon=True) for r in range(cfg.ranks)]
+    may_die = {cfg.chaos_rank} if cfg.chaos_kill_batch >= 0 else set()
     t0 = time.monotonic()
     for p in procs:
         p.start()
     results: dict[int, dict] = {}
     errors: list[str] = []
+    extra: dict[str, Any] = {}
+    during = _start_hook(hooks and hooks.during, h, extra, errors, "during")
     last_print = 0.0
+    status = None
     try:
-        with EplbClient(rpc, timeout=5) as client:
+        with EplbClient(h.rpc, timeout=5) as client:
             while len(results) + len(errors) < cfg.ranks:
+                dead = {r for r, p in enumerate(procs) if not p.is_alive() and p.exitcode not in (0, None)}
+                if len(results) + len(dead & may_die) == cfg.ranks:
+                    break
                 if time.monotonic() - t0 > cfg.timeout_s:
                     errors.append(f"timed out after {cfg.timeout_s:g}s")
                     break
@@ -241,7 +331,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
                     msg = out_q.get(timeout=0.2)
                 except queue.Empty:
                     msg = None
-                    if any(not p.is_alive() and p.exitcode not in (0, None) for p in procs) and out_q.empty():
+                    if dead - may_die and out_q.empty():
                         errors.append("a worker process died: exit codes "
                                       f"{[p.exitcode for p in procs]}")
                         break
@@ -251,20 +341,53 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
                     errors.append(f"rank {msg[1]}: {msg[2]}")
                 if progress is not None and cfg.daemon and time.monotonic() - last_print > 1.0:
                     last_print = time.monotonic()
-                    progress(_progress_line(client))
-            status = client.status() if cfg.daemon else None
+                    progress(progress_line(client))
+            if during is not None:
+                during.join(cfg.timeout_s)
+            if hooks is not None and hooks.after is not None and not errors:
+                _run_hook(lambda: hooks.after(h, results), extra, errors, "after")
+            if cfg.daemon:
+                try:
+                    status = client.status()
+                except EplbdError as exc:
+                    errors.append(f"final status: {exc}")
     finally:
+        h.stop_workers()
         for p in procs:
             p.join(15)
             if p.is_alive():
                 p.kill()
-        stop_daemon()
+        h.close()
     if errors:
         raise RuntimeError("demo failed:\n" + "\n".join(errors))
-    return _summary(cfg, results, status, time.monotonic() - t0)
+    summary = summarize_ranks(cfg, results, status, time.monotonic() - t0)
+    summary["exit_codes"] = [p.exitcode for p in procs]
+    return {**summary, **extra}
 
 
-def _progress_line(client: Any) -> str:
+def _run_hook(fn: Callable[[], Any], extra: dict, errors: list, name: str) -> None:
+    try:
+        extra[name] = fn()
+    except BaseException as exc:  # surfaced by run_demo
+        errors.append(f"{name} hook: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+
+
+def _start_hook(fn: Callable[[Any], Any] | None, h: Any, extra: dict, errors: list, name: str):
+    """Run ``fn(h)`` on a thread; once it returns (or fails), the workers are told to stop."""
+    if fn is None:
+        return None
+
+    def body() -> None:
+        _run_hook(lambda: fn(h), extra, errors, name)
+        h.stop_workers()
+
+    t = threading.Thread(target=body, name=f"demo-{name}", daemon=True)
+    t.start()
+    return t
+
+
+def progress_line(client: Any) -> str:
+    """One line of live daemon state (step, epoch, balancedness, plan, reports) for a console."""
     from eplbd.errors import EplbdError
     try:
         st = client.status()
@@ -280,18 +403,23 @@ def _progress_line(client: Any) -> str:
             f"reports {st.reports_received} (dropped {st.reports_dropped})")
 
 
-def _summary(cfg: DemoConfig, results: dict[int, dict], status: Any, wall_s: float) -> dict:
-    loads = sum(results[r]["loads"].astype(np.int64) for r in range(cfg.ranks))
+def summarize_ranks(cfg: DemoConfig, results: dict[int, dict], status: Any, wall_s: float) -> dict:
+    """The run summary (what `eplbd demo --json` prints) from every rank's `run_rank` result and the
+    daemon's final status (None without a daemon). Ranks that died (fault tests) are left out,
+    and steps are counted up to where every remaining rank got."""
+    ranks = sorted(results)
+    n = min(len(results[r]["loads"]) for r in ranks)
+    loads = sum(results[r]["loads"][:n].astype(np.int64) for r in ranks)
     first = min((res["first_apply"] for res in results.values() if res["first_apply"] >= 0), default=-1)
     before = aggregate_balancedness(loads[:first if first >= 0 else cfg.steps], cfg.ranks)
     after = aggregate_balancedness(loads[-cfg.window_size:], cfg.ranks)
-    stats = [results[r]["stats"] for r in range(cfg.ranks)]
-    step_s = np.stack([results[r]["step_s"] for r in range(cfg.ranks)]).max(axis=0)
+    stats = [results[r]["stats"] for r in ranks]
+    step_s = np.stack([results[r]["step_s"][:n] for r in ranks]).max(axis=0)
     apply_s = [x for s in stats for x in s["apply_s"]]
-    rep = [results[r]["reporter"] for r in range(cfg.ranks)]
+    rep = [results[r]["reporter"] for r in ranks]
     plans = status.current_plan if status is not None else None
     return {
-        "ranks": cfg.ranks, "steps": cfg.steps, "communicator": results[0]["communicator"],
+        "ranks": cfg.ranks, "steps": n, "communicator": results[ranks[0]]["communicator"],
         "use_async": cfg.use_async, "routing": cfg.routing,
         "balancedness_before": round(before, 4), "balancedness_after": round(after, 4),
         "first_rearrangement_step": first,
@@ -302,18 +430,18 @@ def _summary(cfg: DemoConfig, results: dict[int, dict], status: Any, wall_s: flo
         "bytes_moved": sum(s["bytes_received"] for s in stats),
         "reports_dropped": (int(status.reports_dropped) if status is not None else 0) + sum(r["dropped"] for r in rep),
         "steps_reported": sum(r["sent"] for r in rep), "steps_recorded": sum(r["recorded"] for r in rep),
-        "outputs_identical": all(results[r]["mismatches"] == 0 for r in range(cfg.ranks)),
-        "probes": results[0]["probes"],
+        "outputs_identical": all(results[r]["mismatches"] == 0 for r in ranks),
+        "probes": results[ranks[0]]["probes"],
         "weights_checked": cfg.check_weights,
-        "weights_ok": all(not results[r]["bad_weights"] for r in range(cfg.ranks)),
-        "bad_weights": [b for r in range(cfg.ranks) for b in results[r]["bad_weights"]][:10],
-        "placements_agree": all(np.array_equal(results[r]["phy2log"], results[0]["phy2log"])
-                                for r in range(cfg.ranks)),
+        "weights_ok": all(not results[r]["bad_weights"] for r in ranks),
+        "bad_weights": [b for r in ranks for b in results[r]["bad_weights"]][:10],
+        "placements_agree": all(np.array_equal(results[r]["phy2log"], results[ranks[0]]["phy2log"])
+                                for r in ranks),
         "step_ms_p50": round(float(np.percentile(step_s, 50)) * 1e3, 3),
         "step_ms_p99": round(float(np.percentile(step_s, 99)) * 1e3, 3),
         "step_ms_max": round(float(step_s.max()) * 1e3, 3),
         "apply_ms_max": round(max(apply_s, default=0.0) * 1e3, 3),
-        "steps_per_s": round(cfg.steps / float(step_s.sum()), 1),
+        "steps_per_s": round(n / float(step_s.sum()), 1),
         "wall_s": round(wall_s, 1),
     }
 

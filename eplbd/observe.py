@@ -25,12 +25,17 @@ class DaemonMetrics:
         self.workers_alive = r.gauge("eplbd_workers_alive", "Registered ranks seen within the heartbeat timeout.")
         self.workers_expected = r.gauge("eplbd_workers_expected", "EP group size.")
         self.plans = r.counter("eplbd_plans_total", "Plans by outcome.", ("outcome",))
+        self.aborted = r.counter("eplbd_plans_aborted_total",
+                                 "Plan aborts by cause (timeout, stalled, rank_dead, rank_failed, reregistered); "
+                                 "an abort that keeps already permitted layers counts too.", ("reason",))
         self.reports = r.counter("eplbd_reports_received_total", "Load reports received.")
         self.dropped = r.counter("eplbd_reports_dropped_total", "Load reports dropped, by reason.", ("reason",))
         self.phase = r.histogram("eplbd_plan_phase_seconds", "Seconds from push to each plan phase.",
                                  (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), ("phase",))
         self.last_commit = r.gauge("eplbd_last_commit_timestamp_seconds", "Unix time of the last committed plan.")
-        self.stuck = r.gauge("eplbd_rebalancing_stuck", "1 if a plan has made no progress for plan_timeout_s.")
+        self.stuck = r.gauge("eplbd_rebalancing_stuck",
+                             "1 while rebalancing is wedged: a plan without progress beyond plan_stall_timeout_s "
+                             "not yet aborted, or stuck_abort_streak plans in a row aborted without a commit.")
         self._seen: dict[str, float] = {}
         self._observed_plans: set[tuple[int, str]] = set()
 
@@ -50,6 +55,8 @@ class DaemonMetrics:
             self._count(f"drop:{reason}", n, self.dropped.labels(reason=reason))
         for outcome, n in st.counters.plans.items():
             self._count(f"plan:{outcome}", n, self.plans.labels(outcome=outcome))
+        for cause, n in st.counters.aborts.items():
+            self._count(f"abort:{cause}", n, self.aborted.labels(reason=cause))
         for rec in st.plans.values():
             for phase in _PHASES:
                 if phase in rec.timings and (rec.plan_id, phase) not in self._observed_plans:
@@ -57,7 +64,7 @@ class DaemonMetrics:
                     self.phase.labels(phase=phase).observe(rec.timings[phase])
         if st.last_commit_time is not None:
             self.last_commit.set(st.last_commit_time)
-        self.stuck.set(1.0 if self.health(st, time.monotonic())[0] is False else 0.0)
+        self.stuck.set(1.0 if st.rebalancing_stuck(time.monotonic())[0] else 0.0)
         if st.window is None or st.topo is None:
             return
         self.step.set(st.window.newest_step)
@@ -69,10 +76,6 @@ class DaemonMetrics:
 
     @staticmethod
     def health(st, mono: float) -> tuple[bool, str]:
-        """Unhealthy while a plan has made no progress for ``plan_timeout_s`` (balancing is wedged)."""
-        rec = st.current_plan
-        if rec is not None and rec.in_flight:
-            idle = mono - rec.progress_mono
-            if idle > st.settings.plan_timeout_s:
-                return False, f"plan {rec.plan_id} has made no progress for {idle:.0f}s"
-        return True, "ok"
+        """Unhealthy while rebalancing is wedged (``DaemonState.rebalancing_stuck``)."""
+        stuck, why = st.rebalancing_stuck(mono)
+        return (False, f"rebalancing stuck: {why}") if stuck else (True, "ok")

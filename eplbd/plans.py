@@ -68,7 +68,21 @@ class PlanRecord:
     def mark(self, phase: str) -> None:
         """Record seconds since the plan was pushed at the first time ``phase`` happens."""
         self.timings.setdefault(phase, time.monotonic() - self.started_mono)
+
+    def record(self, table: dict[int, set[int]], rank: int, layers: list[int], allowed) -> bool:
+        """Add ``layers`` (those in ``allowed``) to ``table[rank]`` (``ready`` or ``acked``).
+
+        Returns:
+            True if that was news. Only news counts as progress for the watchdog, so a
+            duplicated or replayed message cannot keep a stuck plan alive.
+        """
+        have = table.setdefault(rank, set())
+        new = {layer for layer in layers if layer in allowed} - have
+        if not new:
+            return False
+        have |= new
         self.progress_mono = time.monotonic()
+        return True
 
     def layers_ready_everywhere(self, ranks: range) -> set[int]:
         sets = [self.ready.get(r, set()) for r in ranks]
@@ -89,10 +103,17 @@ class PlanRecord:
 
 @dataclass
 class PersistedState:
+    """What ``state.json`` holds. ``last_commit_at``: unix time of the last committed plan (None: none yet).
+
+    A plan in flight is not persisted: after a daemon crash the ranks settle it among themselves
+    (see ``eplbd.client.agent``) and report where they ended up when they register again.
+    """
+
     epoch: int
     phy2log: torch.Tensor
     topology: dict
     next_plan_id: int
+    last_commit_at: float | None = None
 
 
 def save_state(state_dir: str | os.PathLike, st: PersistedState) -> None:
@@ -100,7 +121,8 @@ def save_state(state_dir: str | os.PathLike, st: PersistedState) -> None:
     d = pathlib.Path(state_dir)
     d.mkdir(parents=True, exist_ok=True)
     doc = {"version": STATE_VERSION, "epoch": st.epoch, "phy2log": st.phy2log.tolist(),
-           "topology": st.topology, "next_plan_id": st.next_plan_id, "saved_at": time.time()}
+           "topology": st.topology, "next_plan_id": st.next_plan_id, "last_commit_at": st.last_commit_at,
+           "saved_at": time.time()}
     tmp = d / (STATE_FILE + ".tmp")
     with open(tmp, "w") as fh:
         json.dump(doc, fh)
@@ -119,7 +141,9 @@ def load_state(state_dir: str | os.PathLike) -> PersistedState | None:
         phy2log = torch.tensor(doc["phy2log"], dtype=torch.int64)
         if phy2log.ndim != 2:
             raise ValueError(f"phy2log has {phy2log.ndim} dims")
-        return PersistedState(int(doc["epoch"]), phy2log, dict(doc["topology"]), int(doc.get("next_plan_id", 1)))
+        last = doc.get("last_commit_at")
+        return PersistedState(int(doc["epoch"]), phy2log, dict(doc["topology"]), int(doc.get("next_plan_id", 1)),
+                              None if last is None else float(last))
     except Exception as exc:
         raise PlacementError(f"state file {str(path)!r} is corrupt: {type(exc).__name__}: {exc}") from None
 
