@@ -7,6 +7,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -278,3 +279,30 @@ def test_example_toml_documents_every_setting_with_default_and_env_name():
             assert line.startswith("# ") and value == "(unset)", name
         else:
             assert tomllib.loads(line)[name] == default and getattr(loaded, name) == default, name
+
+
+def test_the_containerfile_copy_set_builds_a_complete_wheel(tmp_path):
+    """What the image's `pip install .` sees (only the COPY sources) is enough to build eplbd with every module."""
+    import zipfile
+
+    pytest.importorskip("setuptools", reason="building without isolation needs setuptools in this venv")
+    inst = _instructions((DEPLOY / "Containerfile").read_text())
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    for op, arg in inst:
+        if op == "COPY" and not arg.startswith("--from"):
+            for src in shlex.split(arg)[:-1]:
+                src = src.rstrip("/")
+                copy = shutil.copytree if (REPO / src).is_dir() else shutil.copy
+                copy(REPO / src, ctx / src, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                              if (REPO / src).is_dir() else {}))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                          str(tmp_path / "dist"), str(ctx)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (wheel,) = (tmp_path / "dist").glob("eplbd-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    for package, src in pyproject["tool"]["setuptools"]["package-dir"].items():
+        if package in pyproject["tool"]["setuptools"]["packages"]:
+            for module in (REPO / src).glob("*.py"):
+                assert f"{package.replace('.', '/')}/{module.name}" in names, module
