@@ -249,7 +249,8 @@ def test_systemd_env_file_loads():
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_systemd_analyze_accepts_the_unit(tmp_path):
-    exe = pathlib.Path(shutil.which("eplbd") or REPO / ".venv" / "bin" / "eplbd")
+    exe = pathlib.Path(sys.executable).parent / "eplbd"  # verify checks the command is executable
+    exe = exe if exe.exists() else pathlib.Path(sys.executable)
     text = (DEPLOY / "systemd" / "eplbd.service").read_text().replace("/opt/eplbd/bin/eplbd", str(exe))
     unit = tmp_path / "eplbd.service"
     unit.write_text(text)

@@ -130,7 +130,8 @@ def test_a_daemon_that_cannot_start_is_reported_with_its_log(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         rpc = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
-        cfg = LaunchConfig(rank=DemoConfig(ranks=2), daemon_settings={"rpc": rpc}, result_dir=str(tmp_path))
+        cfg = LaunchConfig(rank=DemoConfig(ranks=2, routing="router"), daemon_settings={"rpc": rpc},
+                           result_dir=str(tmp_path))
         with pytest.raises(UnavailableError, match="did not become ready") as err:
             launch(cfg)
     assert "Address already in use" in str(err.value) and not processes_mentioning(str(tmp_path))
