@@ -13,13 +13,15 @@ Zipf-like skew without the shared data; the output says which). ``PHASES`` such 
 Each rank-step routes 2048 tokens (multinomial), split over the replicas of the placement the
 rank runs at that moment.
 
-Ranks: ``--procs`` processes drive the ranks (``WorkerLink`` each): register, heartbeat at the
-interval the daemon asks for, report every ``--batch`` steps paced at ``--rate`` global steps/s,
-and take part in every plan as ``PlacementAgent`` does, minus the weights: on ``Plan`` they announce
-``--stage-chunk`` staged layers per report interval (``LayerReady``, in plan order), on ``Commit``
-they apply the permitted layers at the next report boundary and ``Ack``; while only the first n
-layers are applied they report ``(plan epoch, layers_applied=n)``, then the new epoch. On ``Abort``
-they keep the permitted layers (``keep_layers``) or drop the plan.
+Ranks: ``--procs`` processes drive the ranks. In each, a sending thread reports for every rank
+every ``--batch`` steps, paced at ``--rate`` global steps/s, on the rank's own PUSH socket (as a
+``LoadReporter`` does), and a protocol thread runs one ``WorkerLink`` per rank (as a
+``PlacementAgent`` does, minus the weights): register, heartbeat at the interval the daemon asks
+for, and on ``Plan`` announce ``--stage-chunk`` staged layers at a time (``LayerReady``, in plan
+order), on ``Commit`` apply the permitted layers and ``Ack``; while only the first n layers are
+applied the rank reports ``(plan epoch, layers_applied=n)``, then the new epoch. On ``Abort`` it
+keeps the permitted layers (``keep_layers``) or drops the plan. So a daemon that stalls delays
+the protocol, never the reports.
 
 Operator (this process): ``status`` and ``balancedness`` every ``--query-interval`` s, ``rebalance``
 every ``--rebalance-every`` s; latencies per minute. A thread samples the daemon's VmRSS
@@ -28,9 +30,8 @@ every ``--rebalance-every`` s; latencies per minute. A thread samples the daemon
 End: the senders stop; once every report sent is counted and no plan is in flight:
 
 - accounting, exactly: sent = received, local drops = the daemon's ``seq_gap``, attempts = received +
-  seq_gap + trailing local drops, ``WorkerLink``'s counters = the senders', ``/metrics`` counters =
-  ``status``'s; drops after receipt other than ``unknown_epoch`` (a report outliving two commits)
-  are failures;
+  seq_gap + trailing local drops, ``/metrics`` counters = ``status``'s; drops after receipt other
+  than ``unknown_epoch`` (a report outliving two commits) are failures;
 - plans: every pushed plan ended committed or aborted; the daemon's epoch = plans committed; every
   rank ends on the daemon's epoch and placement;
 - memory: RSS growth over the second half (least-squares slope x its length) <= ``--max-rss-growth-mb``;
@@ -38,7 +39,7 @@ End: the senders stop; once every report sent is counted and no plan is in fligh
 
 Exit 1 (reasons printed) if a check fails.
 
-    .venv/bin/python benchmarks/bench_soak.py [--duration 300] [--rate 50] [--rebalance-every 30] [--json]
+    .venv/bin/python benchmarks/bench_soak.py [--duration 300] [--rate 50] [--rebalance-every 20] [--json]
 """
 
 from __future__ import annotations
@@ -115,6 +116,10 @@ class Loads:
 class SimRank:
     """One rank's side of the plan protocol (what ``PlacementAgent`` does, without weights).
 
+    ``service`` runs on a protocol thread (requests block on the daemon), ``tag`` on the thread
+    that sends reports, as in an engine rank; a lock keeps the two consistent, and no request
+    is made while it is held.
+
     Args:
         link: a registered ``WorkerLink``.
         phy2log: ``[layers, P]`` int64, the placement it starts on (epoch 0).
@@ -124,6 +129,7 @@ class SimRank:
 
     def __init__(self, link, phy2log, chunk: int, heartbeat_s: float) -> None:
         self.link, self.chunk, self.heartbeat_s = link, chunk, heartbeat_s
+        self.lock = threading.Lock()
         self.epoch, self.base = 0, phy2log
         self.plan = None
         self.layers: list[int] = []  # the plan's layers in order (truncated by an Abort with keep_layers)
@@ -145,38 +151,52 @@ class SimRank:
             return False
 
     def service(self, now: float, step: int) -> None:
-        """Handle pushed messages, stage the next chunk, apply what is permitted, heartbeat."""
-        from eplbd.proto import Abort, Commit, Plan
-
+        """Handle pushed messages, stage the next chunk, apply what is permitted and ack, heartbeat."""
         while (msg := self.link.poll_pushed(0)) is not None:
-            if isinstance(msg, Plan):
-                self._on_plan(msg)
-            elif isinstance(msg, Commit):
-                self._on_commit(msg)
-            elif isinstance(msg, Abort):
-                self._on_abort(msg)
-        if self.plan is not None and self.staged < len(self.layers):
-            part = self.layers[self.staged:self.staged + self.chunk]
-            if self._request(self.link.layer_ready, self.plan.plan_id, self.plan.epoch, part):
-                self.staged += len(part)
-        if self.plan is not None:
-            self._apply(step)
+            with self.lock:
+                refuse = self._on_push(msg)
+            if refuse:
+                self._request(self.link.abort, *refuse)
+        with self.lock:
+            plan = self.plan
+            part = self.layers[self.staged:self.staged + self.chunk] if plan is not None else []
+        if part and self._request(self.link.layer_ready, plan.plan_id, plan.epoch, part):
+            with self.lock:
+                if self.plan is plan:
+                    self.staged += len(part)
+        with self.lock:
+            ack = self._apply() if self.plan is not None else None
+        if ack:
+            self._request(self.link.ack, *ack, step)
         if now - self.last_hb >= self.heartbeat_s:
             self.last_hb = now
             self._request(self.link.heartbeat, step, self.epoch)
 
-    def _on_plan(self, msg) -> None:
+    def _on_push(self, msg) -> tuple | None:
+        """Update the state for a pushed message; returns abort arguments for a plan refused."""
+        from eplbd.proto import Abort, Commit, Plan
+
+        if isinstance(msg, Plan):
+            return self._on_plan(msg)
+        if isinstance(msg, Commit) and self._is_current(msg):
+            self.counts["commits"] += 1
+            self.permitted.update(msg.layers)
+        elif isinstance(msg, Abort) and self._is_current(msg):
+            self._on_abort(msg)
+        return None
+
+    def _on_plan(self, msg) -> tuple | None:
         self.counts["plans"] += 1
         if self.plan is not None:
             self.errors["plan_while_another_in_flight"] += 1
         if msg.base_epoch != self.epoch:
             self.errors["plan_on_another_base_epoch"] += 1
-            self._request(self.link.abort, msg.plan_id, msg.epoch, f"rank runs epoch {self.epoch}")
-            return
+            return msg.plan_id, msg.epoch, f"rank runs epoch {self.epoch}"
         self.plan, self.layers = msg, list(msg.layers)
         self.rows = {layer: msg.phy2log[i] for i, layer in enumerate(msg.layers)}
         self.staged = self.applied = 0
         self.permitted = set()
+        return None
 
     def _is_current(self, msg) -> bool:
         if self.plan is not None and msg.plan_id == self.plan.plan_id and msg.epoch == self.plan.epoch:
@@ -184,14 +204,7 @@ class SimRank:
         self.errors[f"stray_{type(msg).__name__.lower()}"] += 1
         return False
 
-    def _on_commit(self, msg) -> None:
-        if self._is_current(msg):
-            self.counts["commits"] += 1
-            self.permitted.update(msg.layers)
-
     def _on_abort(self, msg) -> None:
-        if not self._is_current(msg):
-            return
         self.counts["aborts"] += 1
         if not msg.keep_layers:
             if self.applied:
@@ -204,39 +217,97 @@ class SimRank:
         if self.applied >= len(self.layers):
             self._finish()
 
-    def _apply(self, step: int) -> None:
+    def _apply(self) -> tuple | None:
+        """Apply the permitted prefix (the rank's next step runs it); returns ack arguments."""
         n = self.applied
         while n < len(self.layers) and self.layers[n] in self.permitted:
             n += 1
         if n == self.applied:
-            return
-        newly, self.applied = self.layers[self.applied:n], n
-        self._request(self.link.ack, self.plan.plan_id, self.plan.epoch, newly, step)
+            return None
+        plan, newly, self.applied = self.plan, self.layers[self.applied:n], n
         if n == len(self.layers):
             self._finish()
+        return plan.plan_id, plan.epoch, newly
 
     def _placement(self, n: int):
-        out = self.base.clone()
-        for layer in self.layers[:n]:
-            out[layer] = self.rows[layer]
-        return out
+        """A function building the placement with the first ``n`` plan layers applied (a snapshot:
+        it stays right whatever the protocol thread does next)."""
+        base, layers, rows = self.base, self.layers[:n], self.rows
+
+        def build():
+            out = base.clone()
+            for layer in layers:
+                out[layer] = rows[layer]
+            return out
+        return build
 
     def _finish(self) -> None:
-        self.base, self.epoch = self._placement(len(self.layers)), self.plan.epoch
+        self.base, self.epoch = self._placement(len(self.layers))(), self.plan.epoch
         self.counts["plans_applied"] += 1
         self.plan = None
 
     def tag(self):
         """``(epoch, layers_applied, key, placement())`` for the next report."""
-        if self.plan is None or self.applied == 0:
-            return self.epoch, -1, self.epoch, lambda: self.base
-        n = self.applied
-        return self.plan.epoch, n, (self.plan.plan_id, self.plan.epoch, n), lambda: self._placement(n)
+        with self.lock:
+            if self.plan is None or self.applied == 0:
+                base = self.base
+                return self.epoch, -1, self.epoch, lambda: base
+            n = self.applied
+            return self.plan.epoch, n, (self.plan.plan_id, self.plan.epoch, n), self._placement(n)
+
+
+class ReportPush:
+    """A rank's load-report socket, owned by the thread that sends reports (``WorkerLink`` belongs to
+    the protocol thread, as a ``LoadReporter`` beside a ``PlacementAgent`` does in an engine rank).
+
+    Args:
+        ctx: the process's ZeroMQ context.
+        ingest: the daemon's ingest endpoint.
+        rank: the rank; ``worker_id``: the id it registered with.
+        hwm: reports queued before a send is a counted local drop.
+    """
+
+    def __init__(self, ctx, ingest: str, rank: int, worker_id: str, hwm: int) -> None:
+        import zmq
+
+        from eplbd.proto import Encoder, make_socket
+
+        self.rank, self.worker_id = rank, worker_id
+        self._sock = make_socket(ctx, zmq.PUSH, connect=ingest, hwm=hwm, linger_ms=0)
+        self._sock.poll(5000, zmq.POLLOUT)  # connected, so the first reports are not dropped locally
+        self._enc, self._seq = Encoder(), 0
+
+    def send(self, first_step: int, load, epoch: int, layers_applied: int) -> bool:
+        """Send without blocking; False if the queue to the daemon is full (the seq still advances,
+        so the daemon counts the gap)."""
+        import zmq
+
+        from eplbd.proto import LoadReport
+
+        msg = LoadReport(rank=self.rank, worker_id=self.worker_id, epoch=epoch, first_step=first_step,
+                         seq=self._seq, load=load, layers_applied=layers_applied)
+        self._seq += 1
+        try:
+            self._sock.send_multipart(self._enc.encode(msg), copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+
+def protocol_loop(sims: dict, step: list, stop_ev, interval: float = 0.01) -> None:
+    """The ranks' agent thread: service every rank until ``stop_ev``; ``step[0]`` is the engine's step."""
+    while not stop_ev.wait(interval):
+        for sim in sims.values():
+            sim.service(time.monotonic(), step[0])
 
 
 def ranks_main(ranks: list[int], cfg: dict, rpc: str, ingest: str, q, go, stop, exit_ev) -> None:
-    """One process driving ``ranks``: register, then report and follow plans until ``stop``;
-    keep following plans (no reports) until ``exit_ev``, then say where every rank ended."""
+    """One process driving ``ranks``: register, then report (this thread) and follow plans (a
+    protocol thread) until ``stop``; follow plans without reporting until ``exit_ev``, then say
+    where every rank ended."""
     import torch
     import zmq
 
@@ -249,14 +320,18 @@ def ranks_main(ranks: list[int], cfg: dict, rpc: str, ingest: str, q, go, stop, 
         loads = Loads(B, cfg["physical"])
         phy2log = initial_placement(LAYERS, LOGICAL, cfg["physical"], cfg["ranks"])
         ctx = zmq.Context()
-        sims = {}
+        sims, pushes = {}, {}
         for r in ranks:
             link = WorkerLink(rpc, ingest, r, timeout=cfg["rpc_timeout"], report_hwm=cfg["hwm"], ctx=ctx)
             reg = link.register(ep_size=cfg["ranks"], num_layers=LAYERS, num_logical=LOGICAL,
                                 num_physical=cfg["physical"], epoch=0, phy2log=phy2log, expert_bytes=44 << 20)
             sims[r] = SimRank(link, phy2log, cfg["stage_chunk"], reg.heartbeat_interval_s or 2.5)
+            pushes[r] = ReportPush(ctx, ingest, r, link.worker_id, cfg["hwm"])
         q.put(("ready", {"pid": os.getpid(), "load_source": loads.source}))
         go.wait()
+        step, proto_stop = [0], threading.Event()
+        proto = threading.Thread(target=protocol_loop, args=(sims, step, proto_stop), daemon=True)
+        proto.start()
         counter = SendCounter(ranks)
         it = slips = 0
         cpu0, t0 = time.process_time(), time.monotonic()
@@ -269,22 +344,18 @@ def ranks_main(ranks: list[int], cfg: dict, rpc: str, ingest: str, q, go, stop, 
                 slips += 1
                 t_next = now
             t_next += period
-            now, step = time.monotonic(), it * B
-            phase = int((now - t0) / cfg["drift"]) % PHASES
+            step[0] = it * B
+            phase = int((time.monotonic() - t0) / cfg["drift"]) % PHASES
             for r, sim in sims.items():
-                sim.service(now, step)
                 epoch, applied, key, placement = sim.tag()
                 load = loads.get(key, placement, phase, (it + r) % VARIANTS)
-                counter.record(r, sim.link.send_report(step, load, epoch, layers_applied=applied))
+                counter.record(r, pushes[r].send(step[0], load, epoch, applied))
             it += 1
-        links = [s.link for s in sims.values()]
         q.put(("done", {**counter.as_dict(), "iterations": it, "schedule_slips": slips,
-                        "t_go": t0, "t_end": time.monotonic(), "cpu_s": time.process_time() - cpu0,
-                        "link_reports_sent": sum(x.reports_sent for x in links),
-                        "link_reports_dropped": sum(x.reports_dropped for x in links)}))
-        while not exit_ev.wait(0.02):  # a plan still in flight finishes; reports have stopped
-            for sim in sims.values():
-                sim.service(time.monotonic(), it * B)
+                        "t_go": t0, "t_end": time.monotonic(), "cpu_s": time.process_time() - cpu0}))
+        exit_ev.wait()  # a plan still in flight finishes on the protocol thread; reports have stopped
+        proto_stop.set()
+        proto.join(60)
         counts, errors = Counter(), Counter()
         for s in sims.values():
             counts.update(s.counts)
@@ -292,8 +363,9 @@ def ranks_main(ranks: list[int], cfg: dict, rpc: str, ingest: str, q, go, stop, 
         q.put(("final", {"ranks": {r: {"epoch": s.epoch, "placement": placement_digest(s.base),
                                        "plan_in_flight": s.plan is not None} for r, s in sims.items()},
                          "counts": dict(counts), "errors": dict(errors)}))
-        for link in links:
-            link.close()
+        for r, sim in sims.items():
+            sim.link.close()
+            pushes[r].close()
         ctx.term()
     except BaseException as exc:  # surfaced by the parent
         import traceback
@@ -693,9 +765,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--physical", type=int, default=320, help="physical slots per layer (288 or 320)")
     ap.add_argument("--batch", type=int, default=8, help="steps per report")
     ap.add_argument("--rate", type=float, default=50.0, help="global steps/s (every rank reports every batch/rate s)")
-    ap.add_argument("--rebalance-every", type=float, default=30.0, help="seconds between rebalance RPCs")
+    ap.add_argument("--rebalance-every", type=float, default=20.0, help="seconds between rebalance RPCs")
     ap.add_argument("--query-interval", type=float, default=0.25, help="seconds between status+balancedness")
-    ap.add_argument("--drift", type=float, default=20.0, help="seconds per load skew")
+    ap.add_argument("--drift", type=float, default=60.0, help="seconds per load skew")
     ap.add_argument("--stage-chunk", type=int, default=8, help="layers per LayerReady")
     ap.add_argument("--window-size", type=int, default=1000)
     ap.add_argument("--step-interval", type=int, default=0, help="daemon's own re-plan interval (0: operator only)")
