@@ -26,7 +26,7 @@ class DaemonMetrics:
         self.workers_expected = r.gauge("eplbd_workers_expected", "EP group size.")
         self.plans = r.counter("eplbd_plans_total", "Plans by outcome.", ("outcome",))
         self.aborted = r.counter("eplbd_plans_aborted_total",
-                                 "Plan aborts by cause (timeout, stalled, rank_dead, rank_failed, reregistered); "
+                                 "Plan aborts by cause (timeout, stalled, rank_dead, rank_failed, reregistered, resize); "
                                  "an abort that keeps already permitted layers counts too.", ("reason",))
         self.reports = r.counter("eplbd_reports_received_total", "Load reports received.")
         self.dropped = r.counter("eplbd_reports_dropped_total", "Load reports dropped, by reason.", ("reason",))

@@ -75,7 +75,9 @@ class Counters:
 
 
 # Why a plan was aborted: the label of eplbd_plans_aborted_total and AbortInfo.cause.
-ABORT_CAUSES = ("timeout", "stalled", "rank_dead", "rank_failed", "reregistered")
+# ``resize`` (an operator's elastic resize drains the plan) is not a failure: it does not count
+# towards ``stuck_abort_streak``.
+ABORT_CAUSES = ("timeout", "stalled", "rank_dead", "rank_failed", "reregistered", "resize")
 
 
 def operator_path(path: str, verb: str) -> pathlib.Path:
@@ -467,7 +469,8 @@ class DaemonState(ElasticOps):
         rec.mark("aborted")
         self.placements.pop(rec.epoch, None)
         self.counters.plans["aborted"] += 1
-        self.aborts_in_a_row += 1
+        if cause != "resize":
+            self.aborts_in_a_row += 1
         self._persist()
         log.warning("plan %d aborted: %s", rec.plan_id, reason)
         return [Outgoing(Abort(plan_id=rec.plan_id, epoch=rec.epoch, reason=reason, rank=rank))]

@@ -26,7 +26,7 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
 class AbortInfo(msgspec.Struct, kw_only=True):
     """The daemon's last plan abort: which plan, which rank failed (-1: none in particular, e.g. a
     plan timeout), why, when (unix time), the cause (``timeout``, ``stalled``, ``rank_dead``,
-    ``rank_failed``, ``reregistered``), the rank that reported it (-1: the daemon's own watchdog)
+    ``rank_failed``, ``reregistered``, ``resize``), the rank that reported it (-1: the daemon's own watchdog)
     and the layers kept (a permitted layer is never taken back; the plan then commits with them)."""
 
     plan_id: int

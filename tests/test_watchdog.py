@@ -49,6 +49,10 @@ def test_stalled_plan_is_aborted_counted_and_then_ranks_are_told():
 
 def test_aborts_in_a_row_mean_stuck_until_a_commit():
     st, phy2log = make_state(stuck_abort_streak=2)
+    start_plan(st, phy2log)
+    st.abort_plan("drained for a resize", cause="resize")  # an operator's doing, not a failure
+    st.last_plan_step = -1
+    assert st.aborts_in_a_row == 0
     for n in range(2):
         plan = start_plan(st, phy2log)
         st.abort_plan("test", cause="stalled")
