@@ -140,6 +140,7 @@ class AgentStats:
     plans_stale: int = 0  # duplicated or replayed plans ignored (id not above the highest seen)
     plans_orphaned: int = 0  # plans the daemon forgot (it restarted), settled among the ranks
     applied_plans: list[int] = dataclasses.field(default_factory=list)  # plan ids applied, in order
+    applied: list[list[int]] = dataclasses.field(default_factory=list)  # [plan id, layer] of each layer applied
     layers_applied: int = 0
     slots_changed: int = 0  # local slots whose expert changed at commit
     experts_received: int = 0  # remote transfers into this rank
@@ -418,6 +419,7 @@ class PlacementAgent:
                 model_p2l[layer].copy_(self.phy2log[layer])
             self._free.append(buf)
             self.stats.slots_changed += len(sched.changed[self.rank])
+            self.stats.applied.append([a.plan.plan_id, layer])
             done.append(layer)
         self._streams.after_apply()
         a.applied = n

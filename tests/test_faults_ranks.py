@@ -61,12 +61,23 @@ def test_duplicated_and_reordered_messages_never_apply_twice_or_stale():
     s = run_demo(cfg, hooks=DemoHooks(after=plans_and_stats))
     st, plans, agent_stats = s["after"]
     assert s["outputs_identical"] and s["weights_ok"] and s["placements_agree"], s
-    done = [(pid, layers) for pid, state, layers in plans if state == "committed"]
-    assert len(done) >= 2 and st.epoch == len(done) == s["plans_committed"], plans
+    done = [pid for pid, state, _ in plans if state == "committed"]
+    assert len(done) >= 2 and st.epoch == len(done), plans
     for rank, stats in agent_stats.items():
-        # Each committed plan applied once, in order; its layers exactly once (no double apply).
-        assert stats["applied_plans"] == [pid for pid, _ in done], (rank, stats["applied_plans"], plans)
-        assert stats["layers_applied"] == sum(len(layers) for _, layers in done), (rank, stats)
+        # No layer of any plan applied twice, and only layers of plans the daemon permitted.
+        pairs = [tuple(x) for x in stats["applied"]]
+        assert len(pairs) == len(set(pairs)), (rank, pairs)
+        for pid, state, layers in plans:
+            got = sorted(layer for p, layer in pairs if p == pid)
+            if state == "committed":
+                assert got == sorted(layers), (rank, pid, got, layers)
+            elif state == "aborted":
+                assert got == [], (rank, pid, got)  # an aborted plan had no permitted layer
+            else:  # the run ended while it was being applied
+                assert set(got) <= set(layers), (rank, pid, got, layers)
+        assert {p for p, _ in pairs} <= {pid for pid, _, _ in plans}
+        # Plans finished in order, each once: the committed ones (and maybe the one in flight).
+        assert stats["applied_plans"][:len(done)] == done and len(stats["applied_plans"]) - len(done) <= 1
     # Duplicated plans did arrive and were recognised by their id.
     assert sum(stats["plans_stale"] for stats in agent_stats.values()) > 0
 
