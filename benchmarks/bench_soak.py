@@ -475,6 +475,20 @@ def rss_analysis(samples: list, duration: float) -> dict:
     return out
 
 
+def rss_steps(samples: list, op_calls: list, most: int = 3, min_mb: float = 16.0) -> list[dict]:
+    """The largest RSS rises between consecutive samples, each with the rebalance RPCs that ran
+    during it or up to 2 s before (a daemon busy in a rebalance does not read its ingest socket)."""
+    rises = sorted(((b[1] - a[1], a[0], b[0]) for a, b in zip(samples, samples[1:]) if b[1] - a[1] >= min_mb),
+                   reverse=True)[:most]
+    out = []
+    for delta, t0, t1 in sorted(rises, key=lambda x: x[1]):
+        near = [(round(t - s, 1), round(s, 2)) for t, op, s in op_calls
+                if op == "rebalance" and t >= t0 - 2 and t - s <= t1]
+        out.append({"from_s": round(t0, 1), "to_s": round(t1, 1), "rise_mb": round(delta, 1),
+                    "rebalances_started_at_s_and_took_s": near})
+    return out
+
+
 def per_minute(op_calls: list, samples: list, received: list, balance: list, duration: float) -> list[dict]:
     """RPC latency percentiles, RSS, daemon CPU, ingest rate and balancedness for each minute."""
     rows = []
@@ -640,6 +654,7 @@ def run(args, kids: Children, log_path: str) -> dict:
         "rpc": {o: pcts([s for _, x, s in op.calls if x == o]) for o in RPC_OPS},
         "per_minute": per_minute(op.calls, samples, op.received, op.balance, args.duration),
         "rss": rss_analysis(samples, args.duration) if samples else {},
+        "rss_steps": rss_steps(samples, op.calls),
         "rss_samples": [(round(t, 2), round(m, 1)) for t, m, _ in samples],
         "daemon_cpu_s": cpu_s, "daemon_cpu_over_s": streaming[-1][0] if streaming else None,
         "daemon_cpu_pct": 100 * cpu_s / streaming[-1][0] if cpu_s is not None else None,
@@ -733,6 +748,10 @@ def _table(out: dict) -> None:
               + (f"; second half slope {r['second_half_slope_mb_per_min']:+.2f} MB/min (fitted growth "
                  f"{r['second_half_growth_mb']:+.1f} MB, raw {r['second_half_raw_delta_mb']:+.1f} MB)"
                  if "second_half_slope_mb_per_min" in r else ""))
+    for st in d["rss_steps"]:
+        near = ", ".join(f"started {a:.1f} s, took {b:.2f} s" for a, b in st["rebalances_started_at_s_and_took_s"])
+        print(f"  RSS rose {st['rise_mb']:+.0f} MB between {st['from_s']:.0f} s and {st['to_s']:.0f} s; "
+              f"rebalance RPC: {near or 'none'}")
     if d["daemon_cpu_s"] is not None:
         print(f"daemon CPU while streaming: {d['daemon_cpu_s']:.1f} s over {d['daemon_cpu_over_s']:.0f} s = "
               f"{d['daemon_cpu_pct']:.0f}% of one core (all {d['daemon_cpu_total_s']:.1f} s incl. start and drain); "

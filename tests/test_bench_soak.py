@@ -10,7 +10,7 @@ from daemon_helpers import G, DaemonThread, make_ranks, skewed_step_load, wait_f
 from eplbd.client.rpc import EplbClient
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_soak import SimRank, placement_digest, rss_analysis  # noqa: E402
+from bench_soak import SimRank, placement_digest, rss_analysis, rss_steps  # noqa: E402
 from daemon_bench import SendCounter, reconcile  # noqa: E402
 
 
@@ -99,3 +99,12 @@ def test_rss_slope_is_fitted_over_the_second_half_only():
     r = rss_analysis(samples, 100)
     assert abs(r["second_half_slope_mb_per_min"] - 30.0) < 1e-6  # 0.5 MB/s
     assert r["first_mb"] == 150 and r["max_mb"] == 150 and r["last_mb"] == 125
+
+
+def test_rss_rises_are_matched_with_the_rebalances_around_them():
+    samples = [(0, 300, 0), (2, 301, 0), (4, 500, 0), (6, 500, 0), (8, 540, 0)]
+    calls = [(3.5, "rebalance", 1.5), (7.9, "status", 0.1)]  # (finished at, op, took)
+    steps = rss_steps(samples, calls)
+    assert [s["rise_mb"] for s in steps] == [199, 40]
+    assert steps[0]["rebalances_started_at_s_and_took_s"] == [(2.0, 1.5)]
+    assert steps[1]["rebalances_started_at_s_and_took_s"] == []
