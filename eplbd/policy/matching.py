@@ -3,9 +3,10 @@
 A policy that plans from scratch (``default``) is free to number its ranks in any
 order: balance does not depend on which physical rank gets which set. Choosing
 the numbering that keeps the most experts where they already are removes every
-move that only re-labels ranks. This is an assignment problem, solved exactly
-per layer (:func:`assignment`, a Hungarian method with a cheap exit for the
-common case where every new rank has a distinct best old rank).
+move that only re-labels ranks. This is an assignment problem, solved exactly for
+all layers at once (:func:`assignment_batch`: shortest augmenting paths with
+potentials, vectorised over the batch, started from the rows whose cheapest
+column nobody else wants, so that only the contested rows need a search).
 
 In the hierarchical case whole nodes are relabelled as units and ranks only
 within a node, so each node keeps serving the expert groups the plan gave it.
@@ -26,57 +27,127 @@ def assignment(cost: np.ndarray) -> np.ndarray:
         [n] int64, the column of each row; ``sum(cost[i, col[i]])`` is minimal.
     """
     cost = np.asarray(cost, dtype=np.float64)
-    n = cost.shape[0]
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    best = cost.argmin(axis=1)
-    if np.unique(best).size == n:  # every row gets its cheapest column: optimal as it stands
-        return best.astype(np.int64)
-    return _hungarian(cost)
+    return assignment_batch(cost[None])[0]
 
 
-def _hungarian(cost: np.ndarray) -> np.ndarray:
-    """Shortest augmenting paths with potentials (O(n^3)); the inner scan over columns is vectorised."""
-    n = cost.shape[0]
-    u = np.zeros(n + 1)
-    v = np.zeros(n + 1)
-    match = np.zeros(n + 1, dtype=np.int64)  # match[j]: row (1-based) given column j (1-based); 0 = free
-    way = np.zeros(n + 1, dtype=np.int64)
-    padded = np.zeros((n + 1, n + 1))
-    padded[1:, 1:] = cost
-    for row in range(1, n + 1):
-        match[0] = row
-        col0 = 0
-        minv = np.full(n + 1, np.inf)
-        used = np.zeros(n + 1, dtype=bool)
-        while True:
-            used[col0] = True
-            row0 = match[col0]
-            free = ~used
-            free[0] = False
-            cur = padded[row0] - u[row0] - v
-            better = free & (cur < minv)
-            minv[better] = cur[better]
-            way[better] = col0
-            cand = np.where(free, minv, np.inf)
-            col1 = int(cand.argmin())
-            delta = cand[col1]
-            u[match[used]] += delta
-            v[used] -= delta
-            minv[free] -= delta
-            col0 = col1
-            if match[col0] == 0:
-                break
-        while col0:
-            col1 = way[col0]
-            match[col0] = match[col1]
-            col0 = col1
-    out = np.empty(n, dtype=np.int64)
-    out[match[1:] - 1] = np.arange(n, dtype=np.int64)
-    return out
+def assignment_batch(cost: np.ndarray) -> np.ndarray:
+    """Minimum-cost perfect matchings of a batch of square cost matrices.
+
+    Args:
+        cost: [batch, n, n] finite costs.
+
+    Returns:
+        [batch, n] int64: ``col[b, i]`` is the column given to row ``i`` of problem ``b``.
+    """
+    cost = np.asarray(cost, dtype=np.float64)
+    batch, n = cost.shape[0], cost.shape[1]
+    if n == 0 or batch == 0:
+        return np.zeros((batch, n), dtype=np.int64)
+    # 1-based rows and columns; row 0 / column 0 are the search's virtual start.
+    a = np.zeros((batch, n + 1, n + 1))
+    a[:, 1:, 1:] = cost
+    u = np.zeros((batch, n + 1))
+    v = np.zeros((batch, n + 1))
+    match = np.zeros((batch, n + 1), dtype=np.int64)  # match[b, j]: row given column j (0: free)
+    rows_left = _warm_start(cost, u, match)
+    live = np.flatnonzero(rows_left[:, 0] > 0) if rows_left.shape[1] else np.zeros(0, dtype=np.int64)
+    if live.size:
+        sub_u, sub_v, sub_m = u[live], v[live], match[live]
+        _augment_all(a[live], sub_u, sub_v, sub_m, rows_left[live])
+        u[live], v[live], match[live] = sub_u, sub_v, sub_m
+    bi = np.arange(batch)
+    col = np.empty((batch, n), dtype=np.int64)
+    col[bi[:, None], match[:, 1:] - 1] = np.arange(n)[None, :]
+    return col
 
 
-def rank_overlap(new: np.ndarray, old: np.ndarray, num_ranks: int, num_logical: int) -> np.ndarray:
+def _warm_start(cost: np.ndarray, u: np.ndarray, match: np.ndarray) -> np.ndarray:
+    """Row potentials = row minima; rows in turn take a free column of zero reduced cost if they have one.
+
+    Returns:
+        [batch, k] the 1-based rows still unmatched, 0-padded.
+    """
+    batch, n, _ = cost.shape
+    u[:, 1:] = cost.min(axis=2)
+    tight = cost == u[:, 1:, None]  # zero reduced cost (v = 0)
+    won = np.zeros((batch, n), dtype=bool)
+    taken = np.zeros((batch, n), dtype=bool)
+    for i in range(n):  # greedy: row i takes its first tight column still free
+        ok = tight[:, i, :] & ~taken
+        has = ok.any(axis=1)
+        col = ok.argmax(axis=1)[has]
+        match[has, col + 1] = i + 1
+        taken[has, col] = True
+        won[has, i] = True
+    left = np.where(won, 0, np.arange(1, n + 1)[None, :])
+    left = -np.sort(-left, axis=1)  # unmatched rows first
+    width = int((~won).sum(axis=1).max(initial=0))
+    return left[:, :width]
+
+
+def _augment_all(a: np.ndarray, u: np.ndarray, v: np.ndarray, match: np.ndarray, rows: np.ndarray) -> None:
+    """Add the unmatched ``rows`` [m, k] (1-based, 0-padded) of each problem, one shortest augmenting path
+    (Dijkstra on reduced costs) at a time; a problem starts its next row as soon as its last path is in,
+    so the loop runs as long as the problem with the most work, not the sum of the slowest paths."""
+    m, n1 = a.shape[0], a.shape[1]
+    ar = np.arange(m)
+    todo = (rows > 0).sum(axis=1)
+    ptr = np.zeros(m, dtype=np.int64)
+    minv = np.full((m, n1), np.inf)
+    used = np.zeros((m, n1), dtype=bool)
+    way = np.zeros((m, n1), dtype=np.int64)
+    j0 = np.zeros(m, dtype=np.int64)
+    match[:, 0] = rows[:, 0]
+    active = todo > 0
+    inf_row = np.full(n1, np.inf)
+    while active.any():
+        used[ar[active], j0[active]] = True
+        i0 = match[ar, j0]
+        cur = a[ar, i0] - u[ar, i0][:, None] - v
+        free = ~used
+        better = free & (cur < minv) & active[:, None]
+        minv = np.where(better, cur, minv)
+        way = np.where(better, j0[:, None], way)
+        cand = np.where(free, minv, np.inf)
+        j1 = cand.argmin(axis=1)
+        delta = np.where(active, cand[ar, j1], 0.0)
+        # Among the nearest columns prefer an unmatched one: it ends the path now (ties are common).
+        open_tie = (cand == delta[:, None]) & (match == 0)
+        j1 = np.where(open_tie.any(axis=1), open_tie.argmax(axis=1), j1)
+        step = np.where(used, delta[:, None], 0.0)
+        u[ar[:, None], match] += step  # visited columns hold distinct rows; others add 0
+        v -= step
+        minv -= np.where(free, delta[:, None], 0.0)
+        j0 = np.where(active, j1, j0)
+        done = active & (match[ar, j0] == 0)
+        if not done.any():
+            continue
+        # Walk each finished path back, shifting rows one column along it; then start the next row.
+        jj, going = j0.copy(), done.copy()
+        while going.any():
+            prev = way[ar, jj]
+            match[ar[going], jj[going]] = match[ar[going], prev[going]]
+            jj = np.where(going, prev, jj)
+            going &= jj != 0
+        ptr += done
+        active &= ~(done & (ptr >= todo))
+        nxt = np.flatnonzero(done & active)
+        match[nxt, 0] = rows[nxt, ptr[nxt]]
+        minv[nxt] = inf_row
+        used[nxt] = False
+        j0[nxt] = 0
+
+
+def held_by_rank(phy2log: np.ndarray, num_ranks: int, num_logical: int) -> np.ndarray:
+    """[layers, num_logical, num_ranks] uint8: 1 where a rank holds the expert in ``phy2log``."""
+    layers, num_physical = phy2log.shape
+    held = np.zeros((layers, num_logical, num_ranks), dtype=np.uint8)
+    held[np.arange(layers)[:, None], phy2log, np.arange(num_physical)[None, :] // (num_physical // num_ranks)] = 1
+    return held
+
+
+def rank_overlap(new: np.ndarray, old: np.ndarray, num_ranks: int, num_logical: int,
+                 held: np.ndarray | None = None) -> np.ndarray:
     """How many of each new rank's slots an old rank could fill without a transfer.
 
     Args:
@@ -84,20 +155,16 @@ def rank_overlap(new: np.ndarray, old: np.ndarray, num_ranks: int, num_logical: 
         old: [layers, num_physical] int64 placement in force.
         num_ranks: EP ranks.
         num_logical: logical experts per layer.
+        held: ``held_by_rank(old, ...)`` when the caller has it.
 
     Returns:
         [layers, num_ranks (new), num_ranks (old)] int64: slots of new rank ``i`` whose
         expert old rank ``j`` already holds.
     """
     layers, num_physical = new.shape
-    local = num_physical // num_ranks
-    counts = np.zeros((layers, num_ranks, num_logical), dtype=np.float64)
-    held = np.zeros((layers, num_ranks, num_logical), dtype=np.float64)
-    li = np.repeat(np.arange(layers), num_physical)
-    ri = np.tile(np.repeat(np.arange(num_ranks), local), layers)
-    np.add.at(counts, (li, ri, new.ravel()), 1.0)
-    held[li, ri, old.ravel()] = 1.0
-    return np.rint(counts @ held.transpose(0, 2, 1)).astype(np.int64)
+    held = held_by_rank(old, num_ranks, num_logical) if held is None else held
+    per_slot = held[np.arange(layers)[:, None], new]  # [layers, num_physical, old ranks]
+    return per_slot.reshape(layers, num_ranks, num_physical // num_ranks, num_ranks).sum(axis=2, dtype=np.int64)
 
 
 def stable_rank_order(new: np.ndarray, old: np.ndarray, num_ranks: int, num_nodes: int,
@@ -115,25 +182,28 @@ def stable_rank_order(new: np.ndarray, old: np.ndarray, num_ranks: int, num_node
     Returns:
         [layers, num_ranks] int64: ``order[l, j]`` is the new rank whose set goes to rank ``j``.
     """
-    layers = new.shape[0]
-    keep = rank_overlap(new, old, num_ranks, num_logical)
+    return stable_rank_order_from(rank_overlap(new, old, num_ranks, num_logical), num_nodes, hierarchical)
+
+
+def stable_rank_order_from(keep: np.ndarray, num_nodes: int, hierarchical: bool) -> np.ndarray:
+    """:func:`stable_rank_order` from a ready :func:`rank_overlap` matrix ``keep`` [layers, ranks, ranks]."""
+    layers, num_ranks = keep.shape[0], keep.shape[1]
+    lay = np.arange(layers)[:, None]
+    if not hierarchical or num_nodes == 1:
+        order = np.empty((layers, num_ranks), dtype=np.int64)
+        order[lay, assignment_batch(-keep)] = np.arange(num_ranks)[None, :]
+        return order
+    per = num_ranks // num_nodes
+    # blocks[l, a, b] = new node a's ranks x old node b's ranks.
+    blocks = keep.reshape(layers, num_nodes, per, num_nodes, per).transpose(0, 1, 3, 2, 4)
+    inner = assignment_batch(-blocks.reshape(-1, per, per)).reshape(layers, num_nodes, num_nodes, per)
+    value = np.take_along_axis(blocks, inner[..., None], axis=4)[..., 0].sum(axis=3)  # [l, a, b]
+    node_of = assignment_batch(-value)  # [l, a] -> old node b
+    inner_ab = np.take_along_axis(inner, node_of[:, :, None, None], axis=2)[:, :, 0]  # [l, a, per]
     order = np.empty((layers, num_ranks), dtype=np.int64)
-    per_node = num_ranks // num_nodes if hierarchical else num_ranks
-    nodes = num_nodes if hierarchical else 1
-    for layer in range(layers):
-        k = keep[layer]
-        if nodes == 1:
-            order[layer, assignment(-k)] = np.arange(num_ranks)
-            continue
-        inner: dict[tuple[int, int], np.ndarray] = {}
-        value = np.empty((nodes, nodes))
-        for a in range(nodes):
-            for b in range(nodes):
-                block = k[a * per_node:(a + 1) * per_node, b * per_node:(b + 1) * per_node]
-                inner[a, b] = assignment(-block)
-                value[a, b] = block[np.arange(per_node), inner[a, b]].sum()
-        for a, b in enumerate(assignment(-value)):
-            order[layer, b * per_node + inner[a, b]] = a * per_node + np.arange(per_node)
+    dest = node_of[:, :, None] * per + inner_ab  # old rank receiving new rank a*per+i
+    src = np.arange(num_nodes)[:, None] * per + np.arange(per)[None, :]
+    order[lay, dest.reshape(layers, -1)] = src.reshape(1, -1)
     return order
 
 
