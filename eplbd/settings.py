@@ -158,6 +158,7 @@ RUNTIME_MUTABLE: frozenset[str] = frozenset({
     "step_interval", "min_gain", "log_balancedness", "log_balancedness_interval", "policy",
     "plan_timeout_s", "window_size", "heartbeat_timeout_s", "commit_interval_steps",
     "plan_stall_timeout_s", "stuck_abort_streak",
+    "min_gain_per_transfer_s", "transfer_gb_per_s", "replan_below", "move_budget",
 })
 if not RUNTIME_MUTABLE <= set(FIELDS):  # pragma: no cover - guards the table itself
     raise RuntimeError(f"RUNTIME_MUTABLE names unknown fields: {sorted(RUNTIME_MUTABLE - set(FIELDS))}")
