@@ -178,7 +178,7 @@ def _reads_from_gone_peers(rank: int, world: int, group: Any) -> None:
                 start = time.monotonic()
                 with pytest.raises(UnavailableError, match=rf"peer rank {peer} \(layer\(s\) \[{layer}\]\)"):
                     comm.run_batch(0, read)
-                assert time.monotonic() - start < 3.0 + 4.0
+                assert time.monotonic() - start < 3.0 + 10.0  # bounded; slack for a loaded machine
             dist.barrier(pair)
     finally:
         comm.close()
@@ -255,7 +255,7 @@ def _unresponsive_peer(rank: int, world: int, group: Any) -> None:
                 start = time.monotonic()
                 with pytest.raises(UnavailableError, match=r"peer rank 1 \(layer\(s\) \[0\]\).*timeout_s=1.0"):
                     comm.run_batch(0, read)
-                assert 1.0 <= time.monotonic() - start < 1.0 + 4.0
+                assert 1.0 <= time.monotonic() - start < 1.0 + 10.0  # honours timeout_s; slack for load
                 with pytest.raises(UnavailableError, match=r"staging buffer 0 is still the target .* peer rank\(s\) \[1\]"):
                     comm.run_batch(0, [])
             finally:

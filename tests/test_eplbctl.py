@@ -215,8 +215,6 @@ def test_unreachable_endpoint_exits_3_quickly():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # free once closed; nothing listens on it
     endpoint = f"tcp://127.0.0.1:{port}"
-    t0 = time.monotonic()
-    r = ctl(endpoint, "--timeout", "0.5", "status", timeout=30)
+    r = ctl(endpoint, "--timeout", "0.5", "status", timeout=30)  # ignoring --timeout would hang: TimeoutExpired
     assert r.returncode == 3 and r.stdout == ""
     assert endpoint in r.stderr and "0.5s" in r.stderr and "unavailable" in r.stderr
-    assert time.monotonic() - t0 < 15  # the 0.5 s timeout plus interpreter and torch import

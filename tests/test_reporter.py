@@ -318,7 +318,7 @@ def test_close_is_bounded_and_later_records_are_counted_drops(tmp_path):
         rep.record(s, pattern(s))
     t0 = time.perf_counter()
     rep.close(timeout=0.3)
-    assert time.perf_counter() - t0 < 1.5
+    assert time.perf_counter() - t0 < 5.0  # bounded (generous: shared, loaded CI machines)
     assert not rep._thread.is_alive()
     assert rep.steps_sent == 0 and rep.steps_dropped == 20 and reconciled(rep)
     rep.record(20, pattern(20))
@@ -329,7 +329,7 @@ def test_close_is_bounded_and_later_records_are_counted_drops(tmp_path):
     rep2.record(0, pattern(0))
     t0 = time.perf_counter()
     rep2.close(timeout=5)
-    assert time.perf_counter() - t0 < 1.0 and rep2.steps_dropped == 1
+    assert time.perf_counter() - t0 < 3.0 and rep2.steps_dropped == 1  # well under its 5 s timeout
 
 
 # -- bad input --------------------------------------------------------------------------------
