@@ -10,11 +10,9 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
-import torch
 
 from daemon_helpers import G, L, P, make_ranks, skewed_step_load, wait_for
 from eplbd.client.rpc import EplbClient
