@@ -2,38 +2,49 @@
 
 A full re-plan (``default``) reaches its balance by recomputing every slot; after a
 small drift in load most slots then need an expert from another rank. This policy
-starts from the placement in force and improves it one move at a time, always the
-move that buys the most predicted balance per slot it makes receive a remote expert:
+starts from the placement in force and repairs it, all layers at once (every step
+is a few numpy operations over ``[layers, ...]`` arrays):
 
-- *replicate*: a slot on one of the lightest ranks that holds a spare replica (its
-  expert has others) takes a replica of the expert that weighs most on the
-  heaviest rank, splitting that expert's load over one more slot;
-- *swap*: a slot on the heaviest rank and a slot on a light rank exchange experts.
+1. *split*: an expert whose per-replica load is too large to fit on any rank under
+   the target gets one more replica, in the slot of an expert that has a spare
+   replica, on the rank that ends up lightest (one slot receives a remote expert);
+2. *swap rounds*: the ranks above the target are paired with the lightest ranks
+   (heaviest with lightest, second with second, ...) and every pair exchanges the
+   two experts that bring both under the target, or as close to it as they can
+   (preferring exchanges that move fewer slots, e.g. an expert back to a rank that
+   held it). A round makes one swap in every pair at once; rounds repeat until no
+   rank is above the target.
 
-Balancedness of a layer is mean rank load / max rank load and the mean is fixed, so
-a move must lower the heaviest rank's load; ties between heaviest ranks are handled
-by a potential (max load, then how many ranks sit at it) that strictly falls with
-every move, so the search cannot cycle. All layers search at once, vectorised.
+The target is the predicted balancedness of the ``default`` policy's full re-plan on
+the same load (balancedness of a layer = mean rank load / max rank load). Every swap
+and every split step are *options*: a layer can stop after any of them, ranked by the
+heavy rank's load so each prefix lowers the layer's peak. A layer's last option is
+the full re-plan itself, its ranks relabelled to keep what they hold. The budget
+picks one option per layer, buying the most balancedness per moved slot first
+(a Lagrangian price per slot, bisected):
 
-Next to the search's move sequence each layer has one more option: the ``default``
-policy's full re-plan, with its ranks relabelled to keep what they hold (its cost is
-bounded with a greedy relabelling; the exact one is applied if it is chosen). The
-budget then decides per layer:
-
-- ``move_budget=None`` (the default): each layer takes its cheapest option whose
-  predicted balancedness is within ``tolerance`` (0.002) of the best option it has,
-  so a layer is only left worse than a full re-plan by that much, and a layer
-  already there moves nothing;
+- ``move_budget=None`` (the default): the least movement whose predicted
+  balancedness, summed over layers, is within ``tolerance`` (0.8%) of the full
+  re-plan's; a layer already balanced moves nothing. A layer whose repair would
+  cost at least ``fresh_share`` (a quarter) of the full re-plan's moves takes the
+  full re-plan instead, unless the repair balances it better: the placement in
+  force is then far from anything the load wants (typically the engine's initial
+  layout), and the re-plan's extra moves buy a layout chosen for this load (on the
+  DeepSeek-V3-shaped benchmark, repairing the initial layout instead keeps ~90% of
+  a full re-plan's gain on the following steps; re-planning it keeps all of it);
 - ``move_budget=N``: at most ``N`` slots in the whole plan receive an expert from
-  another rank; the budget goes to the layers where it buys most balance per slot
-  (greedy over each layer's upper concave hull of (slots, balancedness));
+  another rank; the budget goes where it buys most balance per slot;
 - ``move_budget=0``: the placement is returned unchanged.
 
+Replica counts change only where an expert cannot fit otherwise (step 1), not to
+follow each window's hottest experts: on the benchmark traces re-assigning replicas
+every plan costs moves and makes balance on the *following* steps worse.
+
 Node locality: with several nodes in the hierarchical case (``num_groups %
-num_nodes == 0``) a search move only brings a node experts it already holds, so
-transfers stay on intra-node links and each node keeps serving its expert groups
-(the full re-plan option moves whole groups between nodes, at its cost). In the
-global case a move that crosses nodes counts double when moves are ranked.
+num_nodes == 0``) ranks are paired within their node and a split only adds a
+replica on a node that already holds the expert, so every transfer stays on
+intra-node links and each node keeps serving its expert groups (the full re-plan
+option moves whole groups between nodes, at its cost).
 """
 
 from __future__ import annotations
@@ -46,14 +57,16 @@ import torch
 from eplbd.errors import PolicyError
 from eplbd.policy.balance import predicted_balancedness
 from eplbd.policy.default import check_args, check_weight, rebalance_experts
-from eplbd.policy.matching import apply_rank_order, rank_overlap, stable_rank_order
+from eplbd.policy.matching import apply_rank_order, held_by_rank, rank_overlap, stable_rank_order_from
 from eplbd.policy.placement import _int_array, moved_slots, preserve_local_slots
 from eplbd.policy.registry import Policy, register_policy
 
 TOLERANCE = 0.008
-LIGHT_RANKS = 4  # partners per move: slots on this many lightest ranks
-CROSS_NODE_WEIGHT = 2.0  # ranking weight of a slot that receives an expert from another node
-_TIE = 1e-9
+FRESH_SHARE = 0.25
+MAX_ROUNDS = 24
+MAX_SPLITS = 4  # split iterations (one split per layer each)
+_TIE = 1e-9  # relative: loads closer than this count as equal
+_COST_TIE = 1e-4  # relative to the mean rank load: one moved slot outweighs a load difference below this
 
 
 @dataclass
@@ -62,7 +75,7 @@ class IncrementalPlan:
 
     Attributes:
         phy2log: [layers, num_physical] int64, the new placement.
-        choice: per layer, ``"kept"`` (unchanged), ``"moves"`` (the search's moves) or
+        choice: per layer, ``"kept"`` (unchanged), ``"moves"`` (the repair's moves) or
             ``"replan"`` (the full re-plan, relabelled).
         moved: [layers] int64, slots that receive an expert from another rank.
         before, after: [layers] float64 predicted balancedness of the old and new placement.
@@ -84,303 +97,271 @@ class IncrementalPlan:
                 f"{self.after.mean():.4f} vs full re-plan {self.replan.mean():.4f}")
 
 
-class _Search:
-    """The move search's state for every layer at once (numpy, float64 loads).
+@dataclass
+class _Options:
+    """The options of every layer, in the order the search made them.
 
-    Each step makes, per active layer, the best move for its heaviest rank: a swap
-    with one of ``LIGHT_RANKS`` light ranks, or a replica onto one.
+    ``cost[k, l]`` / ``bal[k, l]``: slots moved and predicted balancedness of layer ``l``
+    if it stops after option ``k`` (0 = unchanged). ``changes``: per search step, the
+    (layer, slot, new expert, option) writes it made, in order.
     """
 
-    def __init__(self, w: np.ndarray, old: np.ndarray, num_gpus: int, num_nodes: int, hierarchical: bool):
-        num_layers, num_logical = w.shape
-        num_physical = old.shape[1]
-        G = num_gpus
-        self.G, self.S, self.E = G, num_physical // G, num_logical
-        self.w, self.phy = w, old.copy()
-        rank_of_slot = np.arange(num_physical) // self.S
-        flat = (np.arange(num_layers)[:, None] * G + rank_of_slot[None, :]) * num_logical + old
-        self.nrk = np.bincount(flat.ravel(), minlength=num_layers * G * num_logical).reshape(
-            num_layers, G, num_logical)
-        self.nrkT = np.ascontiguousarray(self.nrk.transpose(0, 2, 1))  # [L, E, G], kept in step with nrk
-        self.cnt = self.nrk.sum(axis=1)
-        held = self.nrk > 0
-        node_of_rank = np.arange(G) // (G // num_nodes)
-        node_held = held.reshape(num_layers, num_nodes, G // num_nodes, num_logical).any(axis=2)
-        self.cost01 = (~held).astype(np.int64)  # [L, G, E] 1 where a rank would need a transfer
-        self.cost_w = np.where(held, 0.0, np.where(node_held[:, node_of_rank], 1.0, CROSS_NODE_WEIGHT))
-        # Hierarchical: partners only on the heavy rank's node, so a node only gets experts it holds.
-        self.other_node = (node_of_rank[:, None] != node_of_rank[None, :]) if hierarchical else None
-        self.light = min(LIGHT_RANKS, G - 1)
-        self.q = np.divide(w, self.cnt, out=np.zeros_like(w), where=self.cnt > 0)
-        self.R = np.einsum("lge,le->lg", self.nrk.astype(np.float64), self.q)
-        self.mean = self.R.mean(axis=1)
-        self.spent = np.zeros(num_layers, dtype=np.int64)
+    cost: list[np.ndarray]
+    bal: list[np.ndarray]
+    changes: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 
-    def balancedness(self) -> np.ndarray:
-        peak = self.R.max(axis=1)
+
+class _Layout:
+    """The placement under repair, all layers at once (numpy, float64 loads).
+
+    Ranks are grouped in *zones* (nodes in the hierarchical case, else one zone):
+    every move stays inside a zone.
+    """
+
+    def __init__(self, w: np.ndarray, old: np.ndarray, num_gpus: int, zones: int):
+        self.w, self.old, self.phy = w, old, old.copy()
+        self.held = held_by_rank(old, num_gpus, w.shape[1])  # [layers, experts, ranks] in the old placement
+        self.L, self.E = w.shape
+        self.P = old.shape[1]
+        self.G, self.S, self.Gz = num_gpus, self.P // num_gpus, num_gpus // zones
+        self.lay = np.arange(self.L)
+        self.slot_rank = np.arange(self.P) // self.S
+        self.refresh()
+        self.mean = self.R.mean(axis=1)
+
+    def refresh(self) -> None:
+        """Replica counts, per-replica loads and rank loads from ``phy``."""
+        flat = (self.phy + self.lay[:, None] * self.E).ravel()
+        self.cnt = np.bincount(flat, minlength=self.L * self.E).reshape(self.L, self.E)
+        self.q = self.w / np.maximum(self.cnt, 1)
+        self.R = np.take_along_axis(self.q, self.phy, axis=1).reshape(self.L, self.G, self.S).sum(axis=2)
+
+    def balancedness(self, peak: np.ndarray | None = None) -> np.ndarray:
+        peak = self.R.max(axis=1) if peak is None else peak
         return np.where(peak > 0, self.mean / np.where(peak > 0, peak, 1.0), 1.0)
 
-    def step(self, active: np.ndarray) -> np.ndarray:
-        """One move for each active layer.
+    def spent(self) -> np.ndarray:
+        """[layers] slots holding an expert their rank did not hold in the old placement."""
+        return moved_slots(self.old, self.phy, self.G).numpy()
+
+    def split(self, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Give one more replica to each layer's largest item if it cannot fit on a rank under ``target``.
+
+        The replica takes the slot of an expert with a spare replica whose per-replica load
+        after losing it stays below the split expert's, on the rank left lightest, in a zone
+        that holds the expert, on a rank that does not.
 
         Returns:
-            [layers, 2, 2] int64 (slot, new expert) changes, -1 where none; a layer
-            with no change has no improving move left.
+            (layers, slots, new experts) of the writes made.
         """
-        num_layers = self.R.shape[0]
-        out = np.full((num_layers, 2, 2), -1, dtype=np.int64)
-        li = np.flatnonzero(active)
-        if li.size == 0 or self.G < 2:
-            return out
-        R = self.R[li]
-        ar = np.arange(li.size)
-        order = np.argsort(-R, axis=1, kind="stable")
-        rstar = order[:, 0]
-        M = R[ar, rstar]
-        eps = _TIE * np.maximum(M, 1e-300)
-        light, light_ok = self._partners(li, R, rstar[:, None], order[:, :1], self.light)
-        light, light_ok = light[:, 0], light_ok[:, 0]
-        swap = self._swap(li, R, rstar[:, None], light[:, None, :], light_ok[:, None, :], M, eps,
-                          second=np.where(order[:, 1:2] == light, R[ar, order[:, 2]][:, None] if self.G > 2
-                                          else -np.inf, R[ar, order[:, 1]][:, None]))
-        repl = self._replica(li, R, rstar, light, light_ok, M, eps)
-        use_swap = swap[0][:, 0] >= repl[0]
-        go = np.maximum(swap[0][:, 0], repl[0]) > 0
-        changes = np.full((li.size, 2, 2), -1, dtype=np.int64)
-        self._apply_swaps(li, swap, go & use_swap, changes, 0)
-        self._apply_replica(li, repl, go & ~use_swap, changes)
-        out[li] = changes
-        return out
+        lay, S, L = self.lay, self.S, self.L
+        items = np.take_along_axis(self.q, self.phy, axis=1)
+        small = np.sort(items, axis=1)[:, :S - 1].sum(axis=1)
+        top = items.argmax(axis=1)
+        y, qy = self.phy[lay, top], items[lay, top]
+        need = qy + small > target * (1 + _TIE)
+        if not need.any():
+            return (np.zeros(0, dtype=np.int64),) * 3
+        zone = self.slot_rank // self.Gz
+        y_slots = self.phy == y[:, None]
+        y_zones = np.zeros((L, self.G // self.Gz), dtype=bool)
+        yl, ys = np.nonzero(y_slots)
+        y_zones[yl, zone[ys]] = True
+        rank_has_y = (y_slots.reshape(L, self.G, S).any(axis=2))[:, self.slot_rank]
+        cx = self.cnt[lay[:, None], self.phy]
+        after = np.where(cx >= 2, self.w[lay[:, None], self.phy] / np.maximum(cx - 1, 1), np.inf)
+        ok = (cx >= 2) & ~y_slots & ~rank_has_y & y_zones[:, zone] & (after < qy[:, None] * (1 - _TIE))
+        qy_new = self.w[lay, y] / (self.cnt[lay, y] + 1)
+        key = np.where(ok, self.R[:, self.slot_rank] - items + qy_new[:, None], np.inf)
+        slot = key.argmin(axis=1)
+        go = need & np.isfinite(key[lay, slot])
+        self.phy[lay[go], slot[go]] = y[go]
+        self.refresh()
+        return lay[go], slot[go], y[go]
 
-    def _partners(self, li, R, heavy, busy, k):
-        """The ``k`` lightest ranks for each heavy rank ([A, h] -> [A, h, k]), not in ``busy``."""
-        ar = np.arange(li.size)
-        Rm = np.broadcast_to(R[:, None, :], (li.size, heavy.shape[1], self.G)).copy()
-        Rm[ar[:, None, None], np.arange(heavy.shape[1])[None, :, None], busy[:, None, :]] = np.inf
-        if self.other_node is not None:
-            Rm[self.other_node[heavy]] = np.inf
-        if k < self.G:
-            part = np.argpartition(Rm, k - 1, axis=2)[:, :, :k]
+    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Heavy and light rank of every pair, [layers, pairs]: i-th heaviest with i-th lightest per zone."""
+        zones, half = self.G // self.Gz, self.Gz // 2
+        order = np.argsort(-self.R.reshape(self.L, zones, self.Gz), axis=2, kind="stable")
+        order += (np.arange(zones) * self.Gz)[None, :, None]
+        heavy = order[:, :, :half].reshape(self.L, -1)
+        light = order[:, :, ::-1][:, :, :half].reshape(self.L, -1)
+        return heavy, light
+
+    def swap_round(self, target: np.ndarray, active: np.ndarray, opts: _Options) -> np.ndarray:
+        """One swap in every pair whose heavy rank is above ``target`` (see the module docstring).
+
+        Appends one option per pair (pairs by heavy load, descending) to ``opts``.
+
+        Returns:
+            [layers] bool, layers that made a swap.
+        """
+        heavy, light = self.pairs()
+        lay2 = self.lay[:, None]
+        Rh, Rl = self.R[lay2, heavy], self.R[lay2, light]
+        rows, cols = np.nonzero(active[:, None] & (Rh > target[:, None] * (1 + _TIE)))
+        swap = _best_swaps(self, rows, heavy[rows, cols], light[rows, cols], target[rows])
+        go = np.zeros(heavy.shape, dtype=bool)
+        go[rows, cols] = swap.ok
+        dcost, moved = np.zeros(heavy.shape, dtype=np.int64), np.zeros(heavy.shape)
+        dcost[rows, cols], moved[rows, cols] = np.where(swap.ok, swap.dcost, 0), swap.moved
+        # Options: pairs by heavy load; peak after the first k = max(new loads of those k, old loads of the rest).
+        by = np.argsort(-Rh, axis=1, kind="stable")
+        old_pair = np.take_along_axis(np.maximum(Rh, Rl), by, axis=1)
+        new_pair = np.take_along_axis(np.where(go, np.maximum(Rh - moved, Rl + moved), np.maximum(Rh, Rl)), by, 1)
+        rest = np.maximum.accumulate(old_pair[:, ::-1], axis=1)[:, ::-1]
+        rest = np.concatenate([rest[:, 1:], np.full((self.L, 1), -np.inf)], axis=1)
+        if 2 * heavy.shape[1] < self.G:  # odd zones leave one rank per zone unpaired
+            paired = np.zeros((self.L, self.G), dtype=bool)
+            paired[lay2, heavy] = paired[lay2, light] = True
+            rest = np.maximum(rest, np.where(paired, -np.inf, self.R).max(axis=1, initial=-np.inf)[:, None])
+        peak = np.maximum(np.maximum.accumulate(new_pair, axis=1), rest)
+        base = len(opts.cost)
+        opts.cost.extend((opts.cost[-1][:, None] + np.cumsum(np.take_along_axis(dcost, by, axis=1), axis=1)).T)
+        opts.bal.extend(self.balancedness(peak.T))
+        rank_in = np.empty_like(by)
+        np.put_along_axis(rank_in, by, np.arange(by.shape[1])[None, :].repeat(self.L, 0), axis=1)
+        sel = swap.ok
+        r, c, hs, ls, xa, xb = rows[sel], cols[sel], swap.slot_h[sel], swap.slot_l[sel], swap.xa[sel], swap.xb[sel]
+        self.phy[r, hs], self.phy[r, ls] = xb, xa
+        self.R[r, heavy[r, c]] -= swap.moved[sel]
+        self.R[r, light[r, c]] += swap.moved[sel]
+        option = base + rank_in[r, c]
+        opts.changes.append((np.concatenate([r, r]), np.concatenate([hs, ls]), np.concatenate([xb, xa]),
+                             np.concatenate([option, option])))
+        return go.any(axis=1)
+
+
+@dataclass
+class _Swaps:
+    """The best swap of each pair (arrays over the pairs searched)."""
+
+    ok: np.ndarray
+    slot_h: np.ndarray
+    slot_l: np.ndarray
+    xa: np.ndarray  # expert leaving the heavy rank
+    xb: np.ndarray  # expert leaving the light rank
+    moved: np.ndarray  # load moved from heavy to light
+    dcost: np.ndarray  # change in moved slots
+
+
+def _best_swaps(lay: _Layout, rows: np.ndarray, heavy: np.ndarray, light: np.ndarray,
+                target: np.ndarray) -> _Swaps:
+    """For pairs (layer ``rows``, ranks ``heavy`` and ``light``): the exchange of one slot each that
+    brings the pair's larger load under ``target`` (else lowest), fewest moved slots next, lowest peak last."""
+    S, r2 = lay.S, rows[:, None]
+    hs = heavy[:, None] * S + np.arange(S)  # [A, S]
+    ls = light[:, None] * S + np.arange(S)
+    a, b = lay.phy[r2, hs], lay.phy[r2, ls]
+    same = a[:, :, None] == b[:, None, :]
+    l_has_a, h_has_b = same.any(axis=2), same.any(axis=1)
+    # Moved slots: a slot counts when its rank did not hold its expert before; a goes heavy -> light, b back.
+    held = lay.held
+    da = held[r2, a, heavy[:, None]].astype(np.int64) - held[r2, a, light[:, None]]
+    db = held[r2, b, light[:, None]].astype(np.int64) - held[r2, b, heavy[:, None]]
+    dcost = da[:, :, None] + db[:, None, :]
+    Rh = lay.R[rows, heavy][:, None, None]
+    Rl = lay.R[rows, light][:, None, None]
+    d = lay.q[r2, a][:, :, None] - lay.q[r2, b][:, None, :]
+    eps = _TIE * Rh
+    peak = np.maximum(Rh - d, Rl + d)
+    ok = (d > eps) & (peak < Rh - eps) & ~l_has_a[:, :, None] & ~h_has_b[:, None, :]
+    mean = np.where(lay.mean[rows] > 0, lay.mean[rows], 1.0)[:, None, None]
+    key = (np.maximum(peak, target[:, None, None]) + _COST_TIE * mean * dcost + _TIE * peak) / mean
+    key = np.where(ok, key, np.inf).reshape(len(rows), -1)
+    best = key.argmin(axis=1)
+    ia, ib = np.divmod(best, S)
+    ar = np.arange(len(rows))
+    return _Swaps(ok=np.isfinite(key[ar, best]), slot_h=hs[ar, ia], slot_l=ls[ar, ib], xa=a[ar, ia], xb=b[ar, ib],
+                  moved=d[ar, ia, ib], dcost=dcost[ar, ia, ib])
+
+
+def _greedy_value(val: np.ndarray) -> np.ndarray:
+    """Total value of a greedy matching of each [n, n] problem in ``val`` [batch, n, n] (a lower bound
+    on the best matching's): each round every unmatched row bids for its best free column and each
+    column takes its highest bidder (the lowest row among equal bids)."""
+    batch, n, _ = val.shape
+    val = val.astype(np.float64)
+    total = np.zeros(batch)
+    row_free = np.ones((batch, n), dtype=bool)
+    col_free = np.ones((batch, n), dtype=bool)
+    bi = np.arange(batch)[:, None]
+    while row_free.any():
+        masked = np.where(row_free[:, :, None] & col_free[:, None, :], val, -np.inf)
+        want = masked.argmax(axis=2)
+        bid = np.where(row_free, np.take_along_axis(masked, want[:, :, None], axis=2)[:, :, 0], -np.inf)
+        first = np.full((batch, n), n)
+        best = np.full((batch, n), -np.inf)
+        rb, rr = np.nonzero(row_free)
+        np.maximum.at(best, (rb, want[rb, rr]), bid[rb, rr])
+        top = row_free & (bid == best[bi, want])
+        tb, tr = np.nonzero(top)
+        np.minimum.at(first, (tb, want[tb, tr]), tr)
+        wins = top & (first[bi, want] == np.arange(n)[None, :])
+        total += np.where(wins, bid, 0.0).sum(axis=1)
+        row_free &= ~wins
+        wb, wr = np.nonzero(wins)
+        col_free[wb, want[wb, wr]] = False
+    return total
+
+
+def _relabel_cost(keep: np.ndarray, num_physical: int, num_nodes: int, hierarchical: bool) -> np.ndarray:
+    """Slots a relabelled re-plan moves at most: greedy rank matching on the overlap ``keep``
+    (nodes as units, ranks within them, in the hierarchical case), all layers at once."""
+    layers, ranks = keep.shape[0], keep.shape[1]
+    if not hierarchical:
+        return num_physical - _greedy_value(keep).astype(np.int64)
+    per = ranks // num_nodes
+    blocks = keep.reshape(layers, num_nodes, per, num_nodes, per).transpose(0, 1, 3, 2, 4)
+    inner = _greedy_value(blocks.reshape(-1, per, per)).reshape(layers, num_nodes, num_nodes)
+    return num_physical - _greedy_value(inner).astype(np.int64)
+
+
+def _pick(cost: np.ndarray, bal: np.ndarray, budget: int | None, goal: float) -> np.ndarray:
+    """One option per layer: maximise ``bal - price * cost`` per layer, the price bisected.
+
+    With ``budget``: the lowest price whose total cost fits, then layers at the margin take
+    their dearer option while the budget lasts. Without: the highest price whose summed
+    balancedness still reaches ``goal`` (the best there is if nothing reaches it), then
+    layers at the margin drop to their cheaper option while the goal still holds.
+    """
+    lay = np.arange(cost.shape[1])
+    tie = 1e-12 * cost
+
+    def at(price: float) -> np.ndarray:
+        return (bal - price * cost - tie).argmax(axis=0)
+
+    def fits(p: np.ndarray) -> bool:
+        return bool(cost[p, lay].sum() <= budget) if budget is not None else bool(bal[p, lay].sum() >= goal)
+
+    if fits(at(0.0)) == (budget is not None):  # the budget buys the best, or the goal is out of reach
+        return at(0.0)
+    cheap, dear = 1.0, 0.0  # prices: at(cheap) fits the budget / misses the goal, at(dear) the opposite
+    for _ in range(50):
+        mid = 0.5 * (cheap + dear)
+        if fits(at(mid)) == (budget is not None):
+            cheap = mid
         else:
-            part = np.argsort(Rm, axis=2)
-        return part, np.isfinite(np.take_along_axis(Rm, part, axis=2))
-
-    def _swap(self, li, R, heavy, part, part_ok, top_load, eps, second):
-        """Best swap of a slot on each heavy rank with a slot on one of its partners.
-
-        ``heavy`` [A, h]; ``part`` [A, h, k]; ``top_load`` [A] (primary: the max, scores
-        count the new max with ``second``, the largest other load) or [A, h] (pairs).
-        Returns (score, slot on heavy, slot on partner, heavy rank, partner rank), each [A, h].
-        """
-        S, ar = self.S, np.arange(li.size)
-        A, h, k = part.shape
-        hs = heavy[:, :, None] * S + np.arange(S)  # [A, h, S]
-        ps = (part[:, :, :, None] * S + np.arange(S)).reshape(A, h, k * S)  # [A, h, kS]
-        pr = np.repeat(part, S, axis=2)
-        lay = li[:, None, None]
-        hx, px = self.phy[lay, hs], self.phy[lay, ps]
-        d = self.q[lay, hx][:, :, :, None] - self.q[lay, px][:, :, None, :]  # [A, h, S, kS]
-        R_h = R[ar[:, None], heavy][:, :, None, None]
-        R_p = R[ar[:, None, None], pr][:, :, None, :]
-        new_h, new_p = R_h - d, R_p + d
-        lay4 = lay[..., None]
-        nrk, cw = self.nrk, self.cost_w
-        ok = (np.repeat(part_ok, S, axis=2)[:, :, None, :] & (d > eps[:, None, None, None])
-              & (new_p < R_h - eps[:, None, None, None])
-              & (nrk[lay4, pr[:, :, None, :], hx[..., None]] == 0)
-              & (nrk[lay, heavy[:, :, None], px] == 0)[:, :, None, :])
-        dcost = (cw[lay, heavy[:, :, None], px][:, :, None, :] - cw[lay, heavy[:, :, None], hx][..., None]
-                 + cw[lay4, pr[:, :, None, :], hx[..., None]] - cw[lay, pr, px][:, :, None, :])
-        peak = np.maximum(new_h, new_p)
-        if second is not None:
-            peak = np.maximum(peak, np.repeat(second, S, axis=1)[:, None, None, :])
-        top = top_load.reshape(A, -1)[:, :, None, None]
-        score = self._score(li, top, peak, new_h, dcost, ok)
-        flat = score.reshape(A, h, -1).argmax(axis=2)
-        a, b = np.divmod(flat, k * S)
-        pick = lambda x: np.take_along_axis(x, b[:, :, None], axis=2)[:, :, 0]  # noqa: E731
-        best = np.take_along_axis(score.reshape(A, h, -1), flat[:, :, None], axis=2)[:, :, 0]
-        return (best, np.take_along_axis(hs, a[:, :, None], axis=2)[:, :, 0], pick(ps), heavy, pick(pr))
-
-    def _replica(self, li, R, rstar, light, light_ok, M, eps):
-        """Best replica of the heaviest rank's heaviest expert onto a spare slot of a light rank."""
-        S, ar = self.S, np.arange(li.size)
-        w, q, cnt = self.w[li], self.q[li], self.cnt[li]
-        q_more = w / (cnt + 1)
-        on_hot = self.nrk[li, rstar]
-        relief = np.where(on_hot > 0, on_hot * (q - q_more), -1.0)
-        y = relief.argmax(axis=1)
-        dy = q_more[ar, y] - q[ar, y]
-        base = R + self.nrkT[li, y] * dy[:, None]  # [A, G]
-        ls = (light[:, :, None] * S + np.arange(S)).reshape(li.size, -1)
-        lr = ls // S
-        lx = self.phy[li[:, None], ls]
-        cx = cnt[ar[:, None], lx]
-        q_less = np.divide(w[ar[:, None], lx], cx - 1, out=np.zeros(lx.shape), where=cx > 1)
-        dx = q_less - q[ar[:, None], lx]
-        R_new = base[:, None, :] + self.nrkT[li[:, None], lx] * dx[:, :, None]  # [A, kS, G]
-        own = (q_more[ar, y][:, None] - q_less)
-        R_new[ar[:, None], np.arange(ls.shape[1])[None, :], lr] += own
-        new_max = R_new.max(axis=2)
-        new_h = R_new[:, :, :][ar[:, None], np.arange(ls.shape[1])[None, :], rstar[:, None]]
-        at_max_before = (R >= (M - eps)[:, None]).sum(axis=1)
-        at_max_after = (R_new >= (M - eps)[:, None, None]).sum(axis=2)
-        ok = (np.repeat(light_ok, S, axis=1) & (cx > 1) & (self.nrk[li[:, None], lr, y[:, None]] == 0)
-              & (relief[ar, y] > 0)[:, None] & (new_h < (M - eps)[:, None])
-              & ((new_max < (M - eps)[:, None]) | ((new_max <= (M + eps)[:, None])
-                                                   & (at_max_after < at_max_before[:, None]))))
-        cw = self.cost_w
-        dcost = cw[li[:, None], lr, y[:, None]] - cw[li[:, None], lr, lx]
-        score = self._score(li, M[:, None], new_max, new_h, dcost, ok)
-        b = score.argmax(axis=1)
-        return (score[ar, b], ls[ar, b], y, lr[ar, b], lx[ar, b], R_new[ar, b])
-
-    def _score(self, li, M, new_max, new_h, dcost, ok):
-        """Balancedness bought per weighted slot (ties broken by the heavy rank's relief)."""
-        shape = (-1,) + (1,) * (new_max.ndim - 1)
-        mean = self.mean[li].reshape(shape)
-        Mb = np.where(M > 0, M, 1.0)
-        safe = np.where(new_max > 0, new_max, 1.0)
-        gain = mean / safe - mean / Mb + 1e-6 * (M - new_h) / Mb
-        return np.where(ok, gain / np.maximum(dcost, 0.25), -np.inf)
-
-    def _count(self, lay, rank, expert, delta):
-        self.nrk[lay, rank, expert] += delta
-        self.nrkT[lay, expert, rank] += delta
-
-    def _apply_swaps(self, li, swap, sel, changes, col):
-        score, hs, ps, hr, pr = (x[:, 0] if x.ndim == 2 else x for x in swap)
-        if not sel.any():
-            return
-        rows = np.flatnonzero(sel)
-        lay = li[rows]
-        hs, ps, hr, pr = hs[rows], ps[rows], hr[rows], pr[rows]
-        xh, xp = self.phy[lay, hs], self.phy[lay, ps]
-        self.phy[lay, hs], self.phy[lay, ps] = xp, xh
-        # Loads from the current per-replica loads (a replica move this step may have changed them).
-        d = self.q[lay, xh] - self.q[lay, xp]
-        self.R[lay, hr] -= d
-        self.R[lay, pr] += d
-        for r, a, b in ((hr, xh, xp), (pr, xp, xh)):
-            self._count(lay, r, a, -1)
-            self._count(lay, r, b, 1)
-            self.spent[lay] += self.cost01[lay, r, b] - self.cost01[lay, r, a]
-        changes[rows, col] = np.stack([hs, xp], axis=1)
-        changes[rows, col + 1] = np.stack([ps, xh], axis=1)
-
-    def _apply_replica(self, li, repl, sel, changes):
-        if not sel.any():
-            return
-        rows = np.flatnonzero(sel)
-        lay = li[rows]
-        _, s, y, r, x, R_row = (v[rows] for v in repl)
-        self.phy[lay, s] = y
-        self._count(lay, r, x, -1)
-        self._count(lay, r, y, 1)
-        self.R[lay] = R_row
-        self.cnt[lay, x] -= 1
-        self.cnt[lay, y] += 1
-        for e in (x, y):
-            self.q[lay, e] = self.w[lay, e] / self.cnt[lay, e]
-        self.spent[lay] += self.cost01[lay, r, y] - self.cost01[lay, r, x]
-        changes[rows, 0] = np.stack([s, y], axis=1)
+            dear = mid
+    lo, hi = at(cheap), at(dear)  # lo: fewer moves; hi: more
+    extra = cost[hi, lay] - cost[lo, lay]
+    more = bal[hi, lay] - bal[lo, lay]
+    diff = np.flatnonzero(hi != lo)
+    if budget is not None:  # upgrade the most balance per slot first while the budget lasts
+        diff = diff[np.argsort(-more[diff] / np.maximum(extra[diff], 1), kind="stable")]
+        room = budget - cost[lo, lay].sum()
+        take = diff[np.cumsum(extra[diff]) <= room]
+        return np.where(np.isin(lay, take), hi, lo)
+    # Goal: keep the most balance per slot, drop the rest while the goal holds.
+    diff = diff[np.argsort(more[diff] / np.maximum(extra[diff], 1), kind="stable")]
+    slack = bal[hi, lay].sum() - goal
+    drop = diff[np.cumsum(more[diff]) <= slack]
+    return np.where(np.isin(lay, drop), lo, hi)
 
 
-def _greedy_overlap_cost(new: np.ndarray, old: np.ndarray, num_gpus: int, num_logical: int) -> np.ndarray:
-    """An upper bound on the slots a relabelled full re-plan moves: greedy rank matching, all layers at once."""
-    keep = rank_overlap(new, old, num_gpus, num_logical).astype(np.float64)
-    layers = new.shape[0]
-    kept = np.zeros(layers)
-    for _ in range(num_gpus):
-        flat = keep.reshape(layers, -1).argmax(axis=1)
-        i, j = np.divmod(flat, num_gpus)
-        kept += keep[np.arange(layers), i, j]
-        keep[np.arange(layers), i, :] = -1.0
-        keep[np.arange(layers), :, j] = -1.0
-    return new.shape[1] - kept.astype(np.int64)
-
-
-def _frontier(costs: list[int], bals: list[float]) -> list[tuple[int, float, int]]:
-    """Pareto points (cost, balancedness, option) with cost >= 0, balancedness rising with cost."""
-    pts = sorted(((max(c, 0), -b, i) for i, (c, b) in enumerate(zip(costs, bals))))
-    out: list[tuple[int, float, int]] = []
-    for c, nb, i in pts:
-        if not out or -nb > out[-1][1] + 1e-12:
-            if out and out[-1][0] == c:
-                out.pop()
-            out.append((c, -nb, i))
-    return out
-
-
-def _hull_segments(fronts: list[list[tuple[int, float, int]]]) -> list[tuple[float, int, int, tuple, int]]:
-    """Segments of each frontier's upper concave hull, steepest (most balancedness per slot) first."""
-    segs = []
-    for layer, f in enumerate(fronts):
-        hull = [f[0]]
-        for p in f[1:]:
-            while len(hull) >= 2 and ((hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])
-                                      <= (p[1] - hull[-2][1]) * (hull[-1][0] - hull[-2][0])):
-                hull.pop()
-            hull.append(p)
-        for k in range(1, len(hull)):
-            dc, db = hull[k][0] - hull[k - 1][0], hull[k][1] - hull[k - 1][1]
-            segs.append((-db / dc, layer, k, hull[k], hull[k - 1][0]))
-    segs.sort(key=lambda s: (s[0], s[1], s[2]))
-    return segs
-
-
-def _allocate(fronts: list[list[tuple[int, float, int]]], budget: int | None = None,
-              goal: float | None = None) -> list[int]:
-    """Pick one option per layer, buying the most balancedness per slot first.
-
-    Stops when ``budget`` slots are spent (a hull step that does not fit is replaced by
-    the best frontier point of that layer that does) or when the balancedness summed
-    over layers reaches ``goal``.
-    """
-    pick = [f[0][2] for f in fronts]
-    spent = [f[0][0] for f in fronts]
-    total = sum(f[0][1] for f in fronts)
-    left = float("inf") if budget is None else budget - sum(spent)
-    closed: set[int] = set()
-    for _, layer, _, point, start in _hull_segments(fronts):
-        if goal is not None and total >= goal:
-            break
-        if layer in closed:
-            continue
-        if point[0] - start <= left:
-            left -= point[0] - start
-            total += point[1] - next(p[1] for p in fronts[layer] if p[2] == pick[layer])
-            spent[layer], pick[layer] = point[0], point[2]
-            continue
-        reach = [p for p in fronts[layer] if spent[layer] < p[0] <= spent[layer] + left]
-        if reach:
-            left -= reach[-1][0] - spent[layer]
-            total += reach[-1][1] - next(p[1] for p in fronts[layer] if p[2] == pick[layer])
-            spent[layer], pick[layer] = reach[-1][0], reach[-1][2]
-        closed.add(layer)
-    return pick
-
-
-def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_groups: int, num_nodes: int,
-                     num_gpus: int, old_phy2log: torch.Tensor | np.ndarray,
-                     move_budget: int | None = None, *, tolerance: float = TOLERANCE,
-                     max_steps: int | None = None) -> IncrementalPlan:
-    """Improve ``old_phy2log`` for ``weight`` with few moves (see the module docstring).
-
-    Args:
-        weight: [layers, num_logical] load per logical expert.
-        num_replicas, num_groups, num_nodes, num_gpus: as for ``rebalance_experts``.
-        old_phy2log: [layers, num_replicas] integer placement in force; must hold every expert.
-        move_budget: at most this many slots (over all layers) receive an expert from
-            another rank; None: per layer the cheapest option within ``tolerance``.
-        tolerance: balancedness a layer may give up against its best option when
-            ``move_budget`` is None.
-        max_steps: cap on search moves per layer (default ``num_replicas // 4``, at least 8).
-
-    Returns:
-        An :class:`IncrementalPlan`.
-    """
-    w = check_weight(weight)
+def _check(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int,
+           old_phy2log: torch.Tensor | np.ndarray, move_budget: int | None) -> np.ndarray:
+    """Validate the arguments of :func:`plan_incremental`; returns the old placement as int64 numpy."""
     num_layers, num_logical = w.shape
     check_args(num_logical, num_replicas, num_groups, num_nodes, num_gpus)
     old = _int_array(old_phy2log, "old_phy2log")
@@ -392,64 +373,83 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
         raise PolicyError(f"move_budget must be None or an integer >= 0, got {move_budget!r}")
     if (old < 0).any() or (old >= num_logical).any() or not _holds_every_expert(old, num_logical):
         raise PolicyError("old_phy2log must hold every logical expert in every layer, ids 0..num_logical-1")
+    return np.ascontiguousarray(old)
+
+
+def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_groups: int, num_nodes: int,
+                     num_gpus: int, old_phy2log: torch.Tensor | np.ndarray,
+                     move_budget: int | None = None, *, tolerance: float = TOLERANCE,
+                     fresh_share: float = FRESH_SHARE, max_rounds: int = MAX_ROUNDS) -> IncrementalPlan:
+    """Improve ``old_phy2log`` for ``weight`` with few moves (see the module docstring).
+
+    Args:
+        weight: [layers, num_logical] load per logical expert.
+        num_replicas, num_groups, num_nodes, num_gpus: as for ``rebalance_experts``.
+        old_phy2log: [layers, num_replicas] integer placement in force; must hold every expert.
+        move_budget: at most this many slots (over all layers) receive an expert from
+            another rank; None: the least movement within ``tolerance`` of a full re-plan.
+        tolerance: share of the full re-plan's summed predicted balancedness the plan may
+            give up when ``move_budget`` is None.
+        fresh_share: when ``move_budget`` is None, a layer whose repair costs at least this
+            share of the full re-plan's moves takes the full re-plan if that balances it at
+            least as well (> 1: never).
+        max_rounds: cap on swap rounds.
+
+    Returns:
+        An :class:`IncrementalPlan`.
+    """
+    w = check_weight(weight)
+    old = _check(w, num_replicas, num_groups, num_nodes, num_gpus, old_phy2log, move_budget)
+    num_layers, num_logical = w.shape
     hierarchical = num_groups % num_nodes == 0 and num_nodes > 1
-    search = _Search(w, old, num_gpus, num_nodes, hierarchical)
-    before = search.balancedness()
+    lay = _Layout(w, old, num_gpus, num_nodes if hierarchical else 1)
+    before = lay.balancedness()
     if move_budget == 0 or num_layers == 0:
         return IncrementalPlan(torch.from_numpy(old.copy()), ["kept"] * num_layers,
                                np.zeros(num_layers, dtype=np.int64), before, before.copy(), before.copy())
 
     replan = rebalance_experts(w, num_replicas, num_groups, num_nodes, num_gpus)[0].numpy()
     replan_bal = _predicted(w, replan, num_gpus)
-    replan_cost = _greedy_overlap_cost(replan, old, num_gpus, num_logical)
+    keep = rank_overlap(replan, old, num_gpus, num_logical, held=lay.held)
+    replan_cost = _relabel_cost(keep, num_replicas, num_nodes, hierarchical)
 
-    steps = max(40, num_replicas // 4) if max_steps is None else max_steps
-    cap = np.full(num_layers, np.iinfo(np.int64).max if move_budget is None else int(move_budget))
-    target = replan_bal
-    history = []
-    costs, bals = [search.spent.copy()], [before]
-    active = np.ones(num_layers, dtype=bool)
-    goal = float(replan_bal.sum()) * (1.0 - tolerance)
-    for _ in range(steps):
-        if move_budget is None:
-            active &= bals[-1] < target
-        active &= search.spent < cap
-        if not active.any():
+    target = lay.mean / np.maximum(replan_bal, 1e-300)  # the re-plan's peak rank load
+    opts = _Options([np.zeros(num_layers, dtype=np.int64)], [before], [])
+    for _ in range(MAX_SPLITS):
+        rows, slots, experts = lay.split(target)
+        if rows.size == 0:
             break
-        changes = search.step(active)
-        active &= (changes[:, :, 0] >= 0).any(axis=1)
-        history.append(changes)
-        costs.append(search.spent.copy())
-        bals.append(search.balancedness())
-    costs_a, bals_a = np.stack(costs), np.stack(bals)  # [steps + 1, L]
+        opts.changes.append((rows, slots, experts, np.full_like(rows, len(opts.cost))))
+        opts.cost.append(lay.spent())
+        opts.bal.append(lay.balancedness())
+    active = np.ones(num_layers, dtype=bool)
+    for _ in range(max_rounds):
+        active &= lay.R.max(axis=1) > target * (1 + _TIE)
+        if not active.any() or lay.Gz < 2:
+            break
+        active &= lay.swap_round(target, active, opts)
 
-    n_opts = costs_a.shape[0]
-    options = []
-    for layer in range(num_layers):
-        c = costs_a[:, layer].tolist() + [int(replan_cost[layer])]
-        b = bals_a[:, layer].tolist() + [float(replan_bal[layer])]
-        options.append((c, b))
-    fronts = [_frontier(c, b) for c, b in options]
+    cost = np.stack(opts.cost + [replan_cost])
+    bal = np.stack(opts.bal + [replan_bal])
+    n_opts = cost.shape[0] - 1  # index of the re-plan option
+    pick = _pick(cost, bal, None if move_budget is None else int(move_budget),
+                 float(replan_bal.sum()) * (1.0 - tolerance))
     if move_budget is None:
-        pick = _allocate(fronts, goal=goal)
-    else:
-        pick = _allocate(fronts, budget=int(move_budget))
+        spend, got = cost[pick, np.arange(num_layers)], bal[pick, np.arange(num_layers)]
+        pick = np.where((spend > 0) & (spend >= fresh_share * replan_cost) & (replan_bal >= got), n_opts, pick)
 
     new = old.copy()
-    for k, changes in enumerate(history):
-        take = np.array([k < p < n_opts for p in pick])
-        for j in range(changes.shape[1]):
-            sel = take & (changes[:, j, 0] >= 0)
-            new[sel, changes[sel, j, 0]] = changes[sel, j, 1]
-    re_layers = [layer for layer, p in enumerate(pick) if p == n_opts]
-    if re_layers:
-        part = replan[re_layers]
-        order = stable_rank_order(part, old[re_layers], num_gpus, num_nodes, num_logical, hierarchical)
-        part = apply_rank_order(part, order, num_gpus)
+    for rows, slots, experts, option in opts.changes:
+        take = (option <= pick[rows]) & (pick[rows] < n_opts)
+        new[rows[take], slots[take]] = experts[take]
+    re_layers = np.flatnonzero(pick == n_opts)
+    if re_layers.size:
+        order = stable_rank_order_from(keep[re_layers], num_nodes, hierarchical)
+        part = apply_rank_order(replan[re_layers], order, num_gpus)
         new[re_layers] = preserve_local_slots(part, old[re_layers], num_gpus).numpy()
-    choice = ["replan" if p == n_opts else ("moves" if p > 0 and not np.array_equal(new[i], old[i]) else "kept")
-              for i, p in enumerate(pick)]
-    moved = _moved(old, new, num_gpus)
+    moved = moved_slots(old, new, num_gpus).numpy()
+    choice = ["replan" if p == n_opts else ("moves" if m or not np.array_equal(new[i], old[i]) else "kept")
+              for i, (p, m) in enumerate(zip(pick.tolist(), moved.tolist()))]
     return IncrementalPlan(torch.from_numpy(new), choice, moved, before, _predicted(w, new, num_gpus), replan_bal)
 
 
@@ -460,10 +460,6 @@ def _holds_every_expert(old: np.ndarray, num_logical: int) -> bool:
 
 def _predicted(w: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
     return predicted_balancedness(w, phy2log, num_gpus).numpy()
-
-
-def _moved(old: np.ndarray, new: np.ndarray, num_gpus: int) -> np.ndarray:
-    return moved_slots(old, new, num_gpus).numpy()
 
 
 class IncrementalPolicy(Policy):
