@@ -57,7 +57,7 @@ import torch
 from eplbd.errors import PolicyError
 from eplbd.policy.balance import predicted_balancedness
 from eplbd.policy.default import check_args, check_weight, rebalance_experts
-from eplbd.policy.matching import apply_rank_order, held_by_rank, rank_overlap, stable_rank_order_from
+from eplbd.policy.matching import apply_rank_order, rank_overlap, stable_rank_order_from
 from eplbd.policy.placement import _int_array, moved_slots, preserve_local_slots
 from eplbd.policy.registry import Policy, register_policy
 
@@ -120,7 +120,8 @@ class _Layout:
 
     def __init__(self, w: np.ndarray, old: np.ndarray, num_gpus: int, zones: int):
         self.w, self.old, self.phy = w, old, old.copy()
-        self.held = held_by_rank(old, num_gpus, w.shape[1])  # [layers, experts, ranks] in the old placement
+        self.holds = _copies(old, num_gpus, w.shape[1])  # [layers, experts, ranks]: copies held now
+        self.held = (self.holds > 0).view(np.uint8)  # ... and whether held before (as held_by_rank)
         self.L, self.E = w.shape
         self.P = old.shape[1]
         self.G, self.S, self.Gz = num_gpus, self.P // num_gpus, num_gpus // zones
@@ -175,9 +176,12 @@ class _Layout:
         key = np.where(ok, self.R[:, self.slot_rank] - items + qy_new[:, None], np.inf)
         slot = key.argmin(axis=1)
         go = need & np.isfinite(key[lay, slot])
-        self.phy[lay[go], slot[go]] = y[go]
+        rows, slot, y = lay[go], slot[go], y[go]
+        self.holds[rows, self.phy[rows, slot], self.slot_rank[slot]] -= 1
+        self.holds[rows, y, self.slot_rank[slot]] += 1
+        self.phy[rows, slot] = y
         self.refresh()
-        return lay[go], slot[go], y[go]
+        return rows, slot, y
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """Heavy and light rank of every pair, [layers, pairs]: i-th heaviest with i-th lightest per zone."""
@@ -223,9 +227,13 @@ class _Layout:
         np.put_along_axis(rank_in, by, np.arange(by.shape[1])[None, :].repeat(self.L, 0), axis=1)
         sel = swap.ok
         r, c, hs, ls, xa, xb = rows[sel], cols[sel], swap.slot_h[sel], swap.slot_l[sel], swap.xa[sel], swap.xb[sel]
+        h, l = heavy[r, c], light[r, c]
         self.phy[r, hs], self.phy[r, ls] = xb, xa
-        self.R[r, heavy[r, c]] -= swap.moved[sel]
-        self.R[r, light[r, c]] += swap.moved[sel]
+        self.R[r, h] -= swap.moved[sel]
+        self.R[r, l] += swap.moved[sel]
+        for expert, give, take in ((xa, h, l), (xb, l, h)):
+            self.holds[r, expert, give] -= 1
+            self.holds[r, expert, take] += 1
         option = base + rank_in[r, c]
         opts.changes.append((np.concatenate([r, r]), np.concatenate([hs, ls]), np.concatenate([xb, xa]),
                              np.concatenate([option, option])))
@@ -249,44 +257,56 @@ def _best_swaps(lay: _Layout, rows: np.ndarray, heavy: np.ndarray, light: np.nda
                 target: np.ndarray) -> _Swaps:
     """For pairs (layer ``rows``, ranks ``heavy`` and ``light``): the exchange of one slot each that
     brings the pair's larger load under ``target`` (else lowest), fewest moved slots next, lowest peak last."""
-    S, r2 = lay.S, rows[:, None]
-    hs = heavy[:, None] * S + np.arange(S)  # [A, S]
-    ls = light[:, None] * S + np.arange(S)
+    S, r2, h2, l2 = lay.S, rows[:, None], heavy[:, None], light[:, None]
+    hs, ls = h2 * S + np.arange(S), l2 * S + np.arange(S)  # [A, S]
     a, b = lay.phy[r2, hs], lay.phy[r2, ls]
-    same = a[:, :, None] == b[:, None, :]
-    l_has_a, h_has_b = same.any(axis=2), same.any(axis=1)
-    # Moved slots: a slot counts when its rank did not hold its expert before; a goes heavy -> light, b back.
+    # A rank never takes a second copy of an expert it holds.
+    blocked = (lay.holds[r2, a, l2] > 0)[:, :, None] | (lay.holds[r2, b, h2] > 0)[:, None, :]
+    # Moved slots (a slot counts when its rank did not hold its expert before): a goes heavy -> light, b back.
     held = lay.held
-    da = held[r2, a, heavy[:, None]].astype(np.int64) - held[r2, a, light[:, None]]
-    db = held[r2, b, light[:, None]].astype(np.int64) - held[r2, b, heavy[:, None]]
-    dcost = da[:, :, None] + db[:, None, :]
-    Rh = lay.R[rows, heavy][:, None, None]
-    Rl = lay.R[rows, light][:, None, None]
-    d = lay.q[r2, a][:, :, None] - lay.q[r2, b][:, None, :]
-    eps = _TIE * Rh
-    peak = np.maximum(Rh - d, Rl + d)
-    ok = (d > eps) & (peak < Rh - eps) & ~l_has_a[:, :, None] & ~h_has_b[:, None, :]
-    mean = np.where(lay.mean[rows] > 0, lay.mean[rows], 1.0)[:, None, None]
-    key = (np.maximum(peak, target[:, None, None]) + _COST_TIE * mean * dcost + _TIE * peak) / mean
+    da = held[r2, a, h2].astype(np.float64) - held[r2, a, l2]
+    db = held[r2, b, l2].astype(np.float64) - held[r2, b, h2]
+    Rh, Rl = lay.R[rows, heavy], lay.R[rows, light]
+    mean = np.where(lay.mean[rows] > 0, lay.mean[rows], 1.0)
+    d = lay.q[r2, a][:, :, None] - lay.q[r2, b][:, None, :]  # load moved heavy -> light
+    eps = (_TIE * Rh)[:, None, None]
+    ok = (d > eps) & (d < (Rh - Rl)[:, None, None] - eps) & ~blocked
+    # The pair's new peak is mid + |d - half|; rank by max(peak, target), then moved slots, then peak.
+    dev = np.abs(d - (0.5 * (Rh - Rl))[:, None, None])
+    cost_w = (_COST_TIE * mean)[:, None]
+    key = (np.maximum(dev, (target - 0.5 * (Rh + Rl))[:, None, None]) + (cost_w * da)[:, :, None]
+           + (cost_w * db)[:, None, :] + _TIE * dev)
     key = np.where(ok, key, np.inf).reshape(len(rows), -1)
     best = key.argmin(axis=1)
     ia, ib = np.divmod(best, S)
     ar = np.arange(len(rows))
     return _Swaps(ok=np.isfinite(key[ar, best]), slot_h=hs[ar, ia], slot_l=ls[ar, ib], xa=a[ar, ia], xb=b[ar, ib],
-                  moved=d[ar, ia, ib], dcost=dcost[ar, ia, ib])
+                  moved=d[ar, ia, ib], dcost=np.rint(da[ar, ia] + db[ar, ib]).astype(np.int64))
 
 
-def _greedy_value(val: np.ndarray) -> np.ndarray:
-    """Total value of a greedy matching of each [n, n] problem in ``val`` [batch, n, n] (a lower bound
-    on the best matching's): each round every unmatched row bids for its best free column and each
-    column takes its highest bidder (the lowest row among equal bids)."""
+def _copies(phy2log: np.ndarray, num_ranks: int, num_logical: int) -> np.ndarray:
+    """[layers, num_logical, num_ranks] int16: copies of each expert on each rank."""
+    layers, num_physical = phy2log.shape
+    rank = np.arange(num_physical) // (num_physical // num_ranks)
+    flat = ((np.arange(layers)[:, None] * num_logical + phy2log) * num_ranks + rank[None, :]).ravel()
+    counts = np.bincount(flat, minlength=layers * num_logical * num_ranks)
+    return counts.astype(np.int16).reshape(layers, num_logical, num_ranks)
+
+
+def _greedy_value(val: np.ndarray, rounds: int = 3) -> np.ndarray:
+    """A lower bound on the best matching's total value for each [n, n] problem in ``val`` [batch, n, n]
+    (values >= 0): a greedy matching, cut after ``rounds`` rounds (rows still unmatched then count 0).
+    Each round every unmatched row bids for its best free column and each column takes its highest
+    bidder (the lowest row among equal bids)."""
     batch, n, _ = val.shape
     val = val.astype(np.float64)
     total = np.zeros(batch)
     row_free = np.ones((batch, n), dtype=bool)
     col_free = np.ones((batch, n), dtype=bool)
     bi = np.arange(batch)[:, None]
-    while row_free.any():
+    for _ in range(rounds):
+        if not row_free.any():
+            break
         masked = np.where(row_free[:, :, None] & col_free[:, None, :], val, -np.inf)
         want = masked.argmax(axis=2)
         bid = np.where(row_free, np.take_along_axis(masked, want[:, :, None], axis=2)[:, :, 0], -np.inf)
@@ -317,6 +337,27 @@ def _relabel_cost(keep: np.ndarray, num_physical: int, num_nodes: int, hierarchi
     return num_physical - _greedy_value(inner).astype(np.int64)
 
 
+def _replan_cost(keep: np.ndarray, num_physical: int, cost: np.ndarray, bal: np.ndarray, replan_bal: np.ndarray,
+                 fresh_share: float | None, num_nodes: int, hierarchical: bool) -> np.ndarray:
+    """[layers] slots the relabelled re-plan moves at most, where that can matter.
+
+    Where a layer's repair already reaches the re-plan's balancedness for fewer slots than any
+    relabelling could keep (each new rank keeping at most its best overlap), and for too few for
+    the ``fresh_share`` rule (None: not applied), the re-plan option is dominated whatever its exact cost: such a
+    layer gets that lower bound and skips the greedy matching.
+    """
+    floor = num_physical - keep.max(axis=2).sum(axis=1)
+    best = bal.argmax(axis=0)
+    lay = np.arange(keep.shape[0])
+    done, spend = bal[best, lay] >= replan_bal, cost[best, lay]
+    fresh_ok = True if fresh_share is None else spend < fresh_share * floor
+    need = ~(done & (spend < floor) & fresh_ok)
+    out = floor.astype(np.int64)
+    if need.any():
+        out[need] = _relabel_cost(keep[need], num_physical, num_nodes, hierarchical)
+    return out
+
+
 def _pick(cost: np.ndarray, bal: np.ndarray, budget: int | None, goal: float) -> np.ndarray:
     """One option per layer: maximise ``bal - price * cost`` per layer, the price bisected.
 
@@ -337,7 +378,7 @@ def _pick(cost: np.ndarray, bal: np.ndarray, budget: int | None, goal: float) ->
     if fits(at(0.0)) == (budget is not None):  # the budget buys the best, or the goal is out of reach
         return at(0.0)
     cheap, dear = 1.0, 0.0  # prices: at(cheap) fits the budget / misses the goal, at(dear) the opposite
-    for _ in range(50):
+    for _ in range(40):  # to 1e-12 of balancedness per slot
         mid = 0.5 * (cheap + dear)
         if fits(at(mid)) == (budget is not None):
             cheap = mid
@@ -350,13 +391,17 @@ def _pick(cost: np.ndarray, bal: np.ndarray, budget: int | None, goal: float) ->
     if budget is not None:  # upgrade the most balance per slot first while the budget lasts
         diff = diff[np.argsort(-more[diff] / np.maximum(extra[diff], 1), kind="stable")]
         room = budget - cost[lo, lay].sum()
+        out = lo.copy()
         take = diff[np.cumsum(extra[diff]) <= room]
-        return np.where(np.isin(lay, take), hi, lo)
+        out[take] = hi[take]
+        return out
     # Goal: keep the most balance per slot, drop the rest while the goal holds.
     diff = diff[np.argsort(more[diff] / np.maximum(extra[diff], 1), kind="stable")]
     slack = bal[hi, lay].sum() - goal
+    out = hi.copy()
     drop = diff[np.cumsum(more[diff]) <= slack]
-    return np.where(np.isin(lay, drop), lo, hi)
+    out[drop] = lo[drop]
+    return out
 
 
 def _check(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int,
@@ -411,7 +456,6 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
     replan = rebalance_experts(w, num_replicas, num_groups, num_nodes, num_gpus)[0].numpy()
     replan_bal = _predicted(w, replan, num_gpus)
     keep = rank_overlap(replan, old, num_gpus, num_logical, held=lay.held)
-    replan_cost = _relabel_cost(keep, num_replicas, num_nodes, hierarchical)
 
     target = lay.mean / np.maximum(replan_bal, 1e-300)  # the re-plan's peak rank load
     opts = _Options([np.zeros(num_layers, dtype=np.int64)], [before], [])
@@ -429,8 +473,11 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
             break
         active &= lay.swap_round(target, active, opts)
 
-    cost = np.stack(opts.cost + [replan_cost])
-    bal = np.stack(opts.bal + [replan_bal])
+    cost, bal = np.stack(opts.cost), np.stack(opts.bal)
+    replan_cost = _replan_cost(keep, num_replicas, cost, bal, replan_bal,
+                               fresh_share if move_budget is None else None, num_nodes, hierarchical)
+    cost = np.concatenate([cost, replan_cost[None]])
+    bal = np.concatenate([bal, replan_bal[None]])
     n_opts = cost.shape[0] - 1  # index of the re-plan option
     pick = _pick(cost, bal, None if move_budget is None else int(move_budget),
                  float(replan_bal.sum()) * (1.0 - tolerance))
