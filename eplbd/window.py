@@ -91,13 +91,16 @@ class _LogicalMap:
         other = _as_numpy(phy2log)
         return self.phy2log.shape == other.shape and np.array_equal(self.phy2log, other)
 
-    def __call__(self, load: np.ndarray) -> np.ndarray:
+    def __call__(self, load: np.ndarray, dtype: torch.dtype = torch.int64) -> np.ndarray:
         layers, num_physical = self.phy2log.shape
         lead = load.shape[:-2]
-        flat = torch.from_numpy(np.ascontiguousarray(load).reshape(-1, layers * num_physical)).to(torch.int64)
-        out = torch.zeros(flat.shape[0], layers * self.num_logical, dtype=torch.int64)
+        flat = torch.from_numpy(np.ascontiguousarray(load).reshape(-1, layers * num_physical)).to(dtype)
+        out = torch.zeros(flat.shape[0], layers * self.num_logical, dtype=dtype)
         out.index_add_(1, self.ids, flat)
         return out.numpy().reshape(*lead, layers, self.num_logical)
+
+
+_FOLD_CHUNK = 64  # ring rows mapped per step of a fold
 
 
 class LoadWindow:
@@ -295,7 +298,12 @@ class LoadWindow:
     def _fold_physical(self) -> None:
         held = np.flatnonzero(self._phy_epoch == self.epoch)
         if held.size and self._cur_map is not None:
-            self._extra[held] += self._cur_map(self._phy[held]).astype(np.int32)
+            # In chunks, in the ring's own int32 (a step's count fits, as it does in _extra):
+            # folding a whole DeepSeek-sized window at once made ~0.5 GB of int64 temporaries,
+            # which glibc kept as resident memory after every commit.
+            for i in range(0, held.size, _FOLD_CHUNK):
+                rows = held[i:i + _FOLD_CHUNK]
+                self._extra[rows] += self._cur_map(self._phy[rows], torch.int32)
             self._extra_used[held] = True
             self._extra_sum += self._cur_map(self._phy_sum[None])[0]
         self._phy[:] = 0
