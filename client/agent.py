@@ -160,6 +160,7 @@ class _Active:
         self.schedules = schedules
         self.granted = 0  # layers every rank agreed to stage (in-band, at a commit boundary)
         self.started = 0  # layers this rank has run the transfers of (<= granted)
+        self.claimed = 0  # layers whose staging took a buffer (started <= claimed <= granted)
         self.staged = 0  # prefix of self.layers staged successfully here
         self.permitted: set[int] = set()
         self.buffers: dict[int, int] = {}  # layer index -> staging buffer
@@ -345,7 +346,9 @@ class PlacementAgent:
             if a is None:
                 vec = [1, -1, 0, 0, 0, 1]
             else:
-                can = 0 if a.flagged else min(len(self._free), len(a.layers) - a.granted)
+                # Granted layers whose staging has not taken its buffer yet will take one.
+                free = len(self._free) - (a.granted - a.claimed)
+                can = 0 if a.flagged else max(0, min(free, len(a.layers) - a.granted))
                 vec = [-a.plan.plan_id, a.plan.plan_id, a.ready(), can, -int(a.flagged), int(a.closable)]
             t = torch.tensor(vec, dtype=torch.int64)
             try:
@@ -652,6 +655,7 @@ class PlacementAgent:
                     self._release_unneeded(a)
                     return
                 i, buf = a.started, self._free.pop()
+                a.claimed = i + 1
             with self._streams.staging():
                 ok = self._stage_layer(a, i, buf)
                 event = self._streams.staged()
