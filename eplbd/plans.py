@@ -60,6 +60,7 @@ class PlanRecord:
     timings: dict[str, float] = field(default_factory=dict)
     started_mono: float = field(default_factory=time.monotonic)
     progress_mono: float = field(default_factory=time.monotonic)
+    truncated_mono: float | None = None  # when an abort truncated it: its timeout restarts then
 
     @property
     def in_flight(self) -> bool:

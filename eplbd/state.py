@@ -95,6 +95,7 @@ def operator_path(path: str, verb: str) -> pathlib.Path:
     return pathlib.Path(path)
 
 
+MAX_PLANS_KEPT = 64  # plan records kept for `eplbctl plan` (each holds a full phy2log)
 MAX_PLACEMENT_FILE_BYTES = 64 << 20  # DeepSeek-V3's placement is ~0.1 MB of JSON
 
 
@@ -324,7 +325,7 @@ class DaemonState(ElasticOps):
                               last_plan_step=self.last_plan_step,
                               window_fill=self.window.fill if self.window else 0,
                               paused=self.paused, manual=manual,
-                              plan_started_at=plan.started_mono if plan else None,
+                              plan_started_at=(plan.truncated_mono or plan.started_mono) if plan else None,
                               plan_progress_at=plan.progress_mono if plan else None, dead_ranks=dead)
 
     def tick(self, now: float, mono: float | None = None) -> list[Outgoing]:
@@ -375,6 +376,8 @@ class DaemonState(ElasticOps):
                          moved_bytes=self._moved_bytes(moved), created_at=time.time())
         self.next_plan_id += 1
         self.plans[rec.plan_id] = rec
+        while len(self.plans) > MAX_PLANS_KEPT:  # oldest first; a daemon runs for months
+            self.plans.pop(next(iter(self.plans)))
         self.current_plan = rec
         self.placements[rec.epoch] = rec.phy2log
         self._persist()
@@ -442,7 +445,10 @@ class DaemonState(ElasticOps):
                    reported_by: int = -1) -> list[Outgoing]:
         """Abandon the plan in flight. Layers already permitted cannot be taken back (a rank
         may have applied them): the first abort of such a plan truncates it to those layers
-        and it still commits when they are acked; otherwise the plan ends aborted.
+        and it still commits when they are acked; a second abort of the truncated plan (its
+        acks did not come in time) commits it without them, since the ranks run those layers
+        as soon as they can step together again (and a rank that re-registers says what it
+        runs). A plan with nothing permitted ends aborted.
 
         Args:
             reason: why, for logs, the plan record and ``status.last_abort``.
@@ -460,11 +466,20 @@ class DaemonState(ElasticOps):
         if keep and not rec.end_reason:
             self._truncate(rec, keep)
             rec.end_reason = f"truncated to {len(keep)} permitted layer(s): {reason}"
+            rec.truncated_mono = rec.progress_mono = time.monotonic()  # time for the ranks to apply and ack
             log.warning("plan %d %s", rec.plan_id, rec.end_reason)
             out = [Outgoing(Abort(plan_id=rec.plan_id, epoch=rec.epoch, reason=reason, rank=rank, keep_layers=keep))]
             if rec.layers_acked_everywhere(range(self.topo.num_gpus)) >= set(rec.layers):
                 self._commit(rec)
             return out
+        if rec.end_reason and rec.permitted:
+            rec.end_reason += f"; committed without every ack after: {reason}"
+            log.warning("plan %d: permitted layers %s cannot be taken back; committed without every ack (%s)",
+                        rec.plan_id, rec.layers, reason)
+            self._commit(rec)
+            # Repeat the truncation for a rank that missed it; idempotent on the others.
+            return [Outgoing(Abort(plan_id=rec.plan_id, epoch=rec.epoch, reason=reason, rank=rank,
+                                   keep_layers=list(rec.layers)))]
         rec.state, rec.end_reason = "aborted", reason
         rec.mark("aborted")
         self.placements.pop(rec.epoch, None)
