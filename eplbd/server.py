@@ -136,7 +136,7 @@ class Daemon:
             _check_state_dir(s.state_dir)
             self._start_auth()
             opened.append(self._bind(zmq.ROUTER, "rpc", RPC_DOMAIN))
-            opened.append(self._bind(zmq.PULL, "ingest", INGEST_DOMAIN, hwm=10_000))
+            opened.append(self._bind(zmq.PULL, "ingest", INGEST_DOMAIN, hwm=s.ingest_hwm))
             if s.metrics_port >= 0:
                 self._metrics_server = MetricsServer(self.metrics.registry, s.metrics_host, s.metrics_port,
                                                      health=self._health, ready=self._ready)

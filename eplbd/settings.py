@@ -83,6 +83,10 @@ class DaemonSettings(EplbConfig):
     max_frame_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024, le=1 << 40,
                                  description="Largest frame accepted from a peer, in bytes; libzmq drops a "
                                              "peer that sends more before any of it is kept.")
+    ingest_hwm: int = Field(default=16, ge=1, le=100_000,
+                            description="Load reports queued per rank in the daemon's ingest socket; beyond it the "
+                                        "ranks' senders drop (counted as sequence gaps) instead of the daemon's "
+                                        "memory growing while it is busy (a commit's window fold, a slow policy).")
     curve_secret_key_file: str | None = Field(
         default=None, description="The daemon's CURVE secret key file (NAME.key_secret from `eplbd keygen`). "
                                   "Set it to encrypt and authenticate both sockets; then both key "
