@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 from eplbd.errors import PolicyError
 from eplbd.policy import (get_policy, initial_placement, moved_slots, plan_incremental, predicted_balancedness,
-                          rebalance_experts)
-from eplbd.policy.incremental import TOLERANCE
-from eplbd.policy.matching import assignment
+                          preserve_local_slots, rebalance_experts)
+from eplbd.policy.incremental import TOLERANCE, _relabel_cost
+from eplbd.policy.matching import (apply_rank_order, assignment, assignment_batch, rank_overlap,
+                                   stable_rank_order_from)
 from test_policy import check_placement, make_weight, topologies
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -24,11 +25,31 @@ FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 6), seed=st.integers(0, 2**32 - 1))
 def test_assignment_is_exact(n: int, seed: int) -> None:
-    cost = np.random.default_rng(seed).integers(0, 4, size=(n, n)).astype(float)  # many ties
-    col = assignment(cost)
-    assert sorted(col.tolist()) == list(range(n))
-    best = min(sum(cost[i, p[i]] for i in range(n)) for p in itertools.permutations(range(n)))
-    assert cost[np.arange(n), col].sum() == best
+    rng = np.random.default_rng(seed)
+    # A batch mixing many ties (small integers), all-equal rows and distinct floats.
+    cost = np.concatenate([rng.integers(0, 4, size=(3, n, n)), np.zeros((1, n, n)), rng.random((2, n, n))])
+    cols = assignment_batch(cost)
+    for problem, col in zip(cost, cols):
+        assert sorted(col.tolist()) == list(range(n))
+        best = min(sum(problem[i, p[i]] for i in range(n)) for p in itertools.permutations(range(n)))
+        assert problem[np.arange(n), col].sum() == pytest.approx(best, abs=1e-12)
+    assert assignment(cost[0]).tolist() == cols[0].tolist()
+
+
+@FAST
+@given(topo=topologies(), seed=st.integers(0, 2**32 - 1))
+def test_relabel_cost_bounds_the_exact_relabelling(topo: tuple[int, ...], seed: int) -> None:
+    # The incremental policy prices its full re-plan option with a greedy matching: it must never
+    # promise fewer moves than the exact relabelling makes (nodes as units when hierarchical).
+    layers, num_logical, num_replicas, groups, nodes, gpus = topo
+    w1, w2 = drifted(seed, layers, num_logical)
+    hierarchical = groups % nodes == 0 and nodes > 1
+    old = rebalance_experts(w1, num_replicas, groups, nodes, gpus)[0].numpy()
+    new = rebalance_experts(w2, num_replicas, groups, nodes, gpus)[0].numpy()
+    keep = rank_overlap(new, old, gpus, num_logical)
+    order = stable_rank_order_from(keep, nodes, hierarchical)
+    exact = moved_slots(old, preserve_local_slots(apply_rank_order(new, order, gpus), old, gpus), gpus)
+    assert (_relabel_cost(keep, num_replicas, nodes, hierarchical) >= exact.numpy()).all()
 
 
 def permute_ranks(phy2log: torch.Tensor, gpus: int, nodes: int, hierarchical: bool, seed: int) -> torch.Tensor:
@@ -156,3 +177,47 @@ def test_fallbacks_and_bad_arguments() -> None:
         plan_incremental(w, 12, 1, 1, 4, torch.zeros(1, 12, dtype=torch.int64))
     zero = plan_incremental(torch.zeros(1, 8), 12, 1, 1, 4, old)
     assert torch.equal(zero.phy2log, old) and zero.choice == ["kept"]
+
+
+def test_budget_is_spent_across_identical_layers() -> None:
+    # Three identical layers, each needing one split (one slot): a budget of 1 or 2 buys 1 or 2 of them.
+    old = initial_placement(3, 8, 12, 4)
+    w = torch.tensor([[510.0, 20, 20, 20, 10, 10, 10, 10]] * 3)
+    for budget in (1, 2):
+        plan = plan_incremental(w, 12, 1, 1, 4, old, move_budget=budget)
+        assert int(plan.moved.sum()) == budget and plan.choice.count("moves") == budget
+        assert (plan.after >= plan.before - 1e-12).all() and plan.after.max() > plan.before.max()
+
+
+def test_hot_expert_is_split_within_its_node() -> None:
+    # Expert 15 (one replica in the initial layout) alone outweighs a rank's fair share: swaps cannot
+    # help, more replicas must be made, and only on the node that holds it.
+    layers, num_logical, num_replicas, groups, nodes, gpus = 2, 16, 24, 4, 2, 4
+    w = torch.ones(layers, num_logical) * 10
+    w[:, 15] = 400
+    old = initial_placement(layers, num_logical, num_replicas, gpus)
+    plan = plan_incremental(w, num_replicas, groups, nodes, gpus, old, fresh_share=2.0)
+    cnt = lambda p: (p == 15).sum(axis=1)  # noqa: E731
+    assert (cnt(plan.phy2log) > cnt(old)).all()
+    assert (plan.after > plan.before).all()
+    per_node = num_replicas // nodes
+    for layer in range(layers):
+        for n in range(nodes):
+            node = slice(n * per_node, (n + 1) * per_node)
+            assert set(plan.phy2log[layer, node].tolist()) <= set(old[layer, node].tolist())
+
+
+def test_far_from_balanced_layers_take_the_full_replan() -> None:
+    # From the engine's initial layout a repair costs a large share of a full re-plan: those layers
+    # take the (relabelled) re-plan, unless told never to; both stay within tolerance of it.
+    w1, w2 = drifted(7, 4, 64)
+    old = initial_placement(4, 64, 80, 8)
+    fresh = plan_incremental(w2, 80, 1, 1, 8, old)
+    repair = plan_incremental(w2, 80, 1, 1, 8, old, fresh_share=2.0)
+    assert fresh.choice.count("replan") > repair.choice.count("replan")
+    for plan in (fresh, repair):
+        assert plan.after.sum() >= plan.replan.sum() * (1 - TOLERANCE) - 1e-9
+    for layer, choice in enumerate(fresh.choice):
+        if choice == "replan":
+            assert fresh.after[layer] == pytest.approx(fresh.replan[layer])
+    assert fresh.moved.sum() > repair.moved.sum()
