@@ -197,6 +197,15 @@ def check_args(num_logical: int, num_replicas: int, num_groups: int, num_nodes: 
         raise PolicyError(f"num_gpus={num_gpus} is not a multiple of num_nodes={num_nodes}")
 
 
+def plan_checked(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int,
+                 num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`rebalance_experts`' phy2log and logcnt as numpy, for a weight and topology already checked
+    (``check_weight``, ``check_args``); callers that need no ``log2phy`` skip deriving it."""
+    if num_groups % num_nodes == 0:
+        return _rebalance_hierarchical(w, num_replicas, num_groups, num_nodes, num_gpus)
+    return _rebalance_hierarchical(w, num_replicas, 1, 1, num_gpus)
+
+
 def rebalance_experts(
     weight: torch.Tensor | np.ndarray,
     num_replicas: int,
@@ -228,10 +237,7 @@ def rebalance_experts(
     w = check_weight(weight)
     num_logical = w.shape[1]
     check_args(num_logical, num_replicas, num_groups, num_nodes, num_gpus)
-    if num_groups % num_nodes == 0:
-        phy2log, logcnt = _rebalance_hierarchical(w, num_replicas, num_groups, num_nodes, num_gpus)
-    else:
-        phy2log, logcnt = _rebalance_hierarchical(w, num_replicas, 1, 1, num_gpus)
+    phy2log, logcnt = plan_checked(w, num_replicas, num_groups, num_nodes, num_gpus)
     phy2log_t = torch.from_numpy(np.ascontiguousarray(phy2log))
     log2phy, _ = derive_log2phy(phy2log_t, num_logical)
     return phy2log_t, log2phy, torch.from_numpy(np.ascontiguousarray(logcnt))

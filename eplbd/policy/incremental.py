@@ -56,7 +56,7 @@ import torch
 
 from eplbd.errors import PolicyError
 from eplbd.policy.balance import predicted_balancedness
-from eplbd.policy.default import check_args, check_weight, rebalance_experts
+from eplbd.policy.default import check_args, check_weight, plan_checked, rebalance_experts
 from eplbd.policy.matching import apply_rank_order, rank_overlap, stable_rank_order_from
 from eplbd.policy.placement import _int_array, moved_slots, preserve_local_slots
 from eplbd.policy.registry import Policy, register_policy
@@ -210,7 +210,8 @@ class _Layout:
         dcost, moved = np.zeros(heavy.shape, dtype=np.int64), np.zeros(heavy.shape)
         dcost[rows, cols], moved[rows, cols] = np.where(swap.ok, swap.dcost, 0), swap.moved
         # Options: pairs by heavy load; peak after the first k = max(new loads of those k, old loads of the rest).
-        by = np.argsort(-Rh, axis=1, kind="stable")
+        by = np.argsort(-Rh, axis=1, kind="stable") if self.Gz < self.G else np.broadcast_to(
+            np.arange(heavy.shape[1]), heavy.shape)  # one zone: pairs() already ranks by load
         old_pair = np.take_along_axis(np.maximum(Rh, Rl), by, axis=1)
         new_pair = np.take_along_axis(np.where(go, np.maximum(Rh - moved, Rl + moved), np.maximum(Rh, Rl)), by, 1)
         rest = np.maximum.accumulate(old_pair[:, ::-1], axis=1)[:, ::-1]
@@ -260,12 +261,13 @@ def _best_swaps(lay: _Layout, rows: np.ndarray, heavy: np.ndarray, light: np.nda
     S, r2, h2, l2 = lay.S, rows[:, None], heavy[:, None], light[:, None]
     hs, ls = h2 * S + np.arange(S), l2 * S + np.arange(S)  # [A, S]
     a, b = lay.phy[r2, hs], lay.phy[r2, ls]
+    at_a, at_b = (r2 * lay.E + a) * lay.G, (r2 * lay.E + b) * lay.G  # flat [layer, expert, 0] offsets
+    holds, held = lay.holds.ravel(), lay.held.ravel()
     # A rank never takes a second copy of an expert it holds.
-    blocked = (lay.holds[r2, a, l2] > 0)[:, :, None] | (lay.holds[r2, b, h2] > 0)[:, None, :]
+    blocked = (holds.take(at_a + l2) > 0)[:, :, None] | (holds.take(at_b + h2) > 0)[:, None, :]
     # Moved slots (a slot counts when its rank did not hold its expert before): a goes heavy -> light, b back.
-    held = lay.held
-    da = held[r2, a, h2].astype(np.float64) - held[r2, a, l2]
-    db = held[r2, b, l2].astype(np.float64) - held[r2, b, h2]
+    da = held.take(at_a + h2).astype(np.float64) - held.take(at_a + l2)
+    db = held.take(at_b + l2).astype(np.float64) - held.take(at_b + h2)
     Rh, Rl = lay.R[rows, heavy], lay.R[rows, light]
     mean = np.where(lay.mean[rows] > 0, lay.mean[rows], 1.0)
     d = lay.q[r2, a][:, :, None] - lay.q[r2, b][:, None, :]  # load moved heavy -> light
@@ -378,7 +380,7 @@ def _pick(cost: np.ndarray, bal: np.ndarray, budget: int | None, goal: float) ->
     if fits(at(0.0)) == (budget is not None):  # the budget buys the best, or the goal is out of reach
         return at(0.0)
     cheap, dear = 1.0, 0.0  # prices: at(cheap) fits the budget / misses the goal, at(dear) the opposite
-    for _ in range(40):  # to 1e-12 of balancedness per slot
+    for _ in range(32):  # to 2e-10 of balancedness per slot
         mid = 0.5 * (cheap + dear)
         if fits(at(mid)) == (budget is not None):
             cheap = mid
@@ -453,7 +455,7 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
         return IncrementalPlan(torch.from_numpy(old.copy()), ["kept"] * num_layers,
                                np.zeros(num_layers, dtype=np.int64), before, before.copy(), before.copy())
 
-    replan = rebalance_experts(w, num_replicas, num_groups, num_nodes, num_gpus)[0].numpy()
+    replan = plan_checked(w, num_replicas, num_groups, num_nodes, num_gpus)[0]
     replan_bal = _predicted(w, replan, num_gpus)
     keep = rank_overlap(replan, old, num_gpus, num_logical, held=lay.held)
 
