@@ -242,7 +242,9 @@ class DaemonState(ElasticOps):
 
     def _worker(self, rank: int, worker_id: str, now: float) -> Worker:
         w = self.workers.get(rank)
-        if w is None or (worker_id and w.worker_id != worker_id):
+        # The worker id is required, not optional: an empty one matching any registration
+        # would let any peer with a worker key keep a dead rank looking alive.
+        if w is None or w.worker_id != worker_id:
             raise NotRegisteredError(f"rank {rank} (worker {worker_id!r}) is not registered")
         w.last_seen = now
         return w

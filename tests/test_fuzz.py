@@ -303,6 +303,7 @@ def _bad_requests(enc: Encoder, tmp_path, links) -> list[tuple[type, list[bytes]
         (errors.PlacementError, RegisterWorker(rank=2, worker_id="x", num_physical_experts=P, phy2log=phy, **reg)),
         (errors.NotRegisteredError, Heartbeat(rank=G + 3, worker_id="x", step=1)),
         (errors.NotRegisteredError, Heartbeat(rank=0, worker_id=w0 + "-not", step=10**9)),
+        (errors.NotRegisteredError, Heartbeat(rank=0, worker_id="", step=10**9)),  # no wildcard id
         (errors.InvalidArgumentError, RebalanceRequest(dry_run=True, layers=[L])),
         (errors.InvalidArgumentError, RebalanceRequest(dry_run=True, layers=[-1])),
         (errors.PolicyError, RebalanceRequest(dry_run=True, policy="nosuch")),
