@@ -66,6 +66,11 @@ class PlanRecord:
     def in_flight(self) -> bool:
         return self.state in ("pending", "committing")
 
+    @property
+    def timeout_from(self) -> float:
+        """Monotonic time its plan timeout counts from: the push, or the truncation that restarted it."""
+        return self.started_mono if self.truncated_mono is None else self.truncated_mono
+
     def mark(self, phase: str) -> None:
         """Record seconds since the plan was pushed at the first time ``phase`` happens."""
         self.timings.setdefault(phase, time.monotonic() - self.started_mono)

@@ -327,7 +327,7 @@ class DaemonState(ElasticOps):
                               last_plan_step=self.last_plan_step,
                               window_fill=self.window.fill if self.window else 0,
                               paused=self.paused, manual=manual,
-                              plan_started_at=(plan.truncated_mono or plan.started_mono) if plan else None,
+                              plan_started_at=plan.timeout_from if plan else None,
                               plan_progress_at=plan.progress_mono if plan else None, dead_ranks=dead)
 
     def tick(self, now: float, mono: float | None = None) -> list[Outgoing]:
