@@ -195,7 +195,9 @@ def test_hot_expert_is_split_within_its_node() -> None:
     layers, num_logical, num_replicas, groups, nodes, gpus = 2, 16, 24, 4, 2, 4
     w = torch.ones(layers, num_logical) * 10
     w[:, 15] = 400
-    old = initial_placement(layers, num_logical, num_replicas, gpus)
+    # Groups of 4 on their nodes: node 0 holds groups 0-1 (ranks 0-1), node 1 groups 2-3 (ranks 2-3).
+    row = [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11]
+    old = torch.tensor([row] * layers)
     plan = plan_incremental(w, num_replicas, groups, nodes, gpus, old, fresh_share=2.0)
     cnt = lambda p: (p == 15).sum(axis=1)  # noqa: E731
     assert (cnt(plan.phy2log) > cnt(old)).all()
@@ -221,3 +223,34 @@ def test_far_from_balanced_layers_take_the_full_replan() -> None:
         if choice == "replan":
             assert fresh.after[layer] == pytest.approx(fresh.replan[layer])
     assert fresh.moved.sum() > repair.moved.sum()
+
+
+def test_layout_splitting_groups_is_regrouped_node_by_node() -> None:
+    # The engine's linear layout spreads groups over nodes. Layers the policy changes end with every
+    # group on one node (the full re-plan's nodes, relabelled), for fewer moves than the stable default.
+    layers, num_logical, num_replicas, groups, nodes, gpus = 4, 64, 80, 8, 4, 16
+    _, w = drifted(11, layers, num_logical)
+    old = initial_placement(layers, num_logical, num_replicas, gpus)
+    plan = plan_incremental(w, num_replicas, groups, nodes, gpus, old, fresh_share=2.0)
+    assert plan.after.sum() >= plan.replan.sum() * (1 - TOLERANCE) - 1e-9
+    per_node, size = num_replicas // nodes, num_logical // groups
+    for layer, choice in enumerate(plan.choice):
+        assert choice != "kept"
+        node_of = {}
+        for slot, expert in enumerate(plan.phy2log[layer].tolist()):
+            assert node_of.setdefault(expert // size, slot // per_node) == slot // per_node, (layer, expert)
+    full = get_policy("default").rebalance(w, num_replicas, groups, nodes, gpus, old_phy2log=old)
+    assert plan.moved.sum() < moved_slots(old, full, gpus).sum()
+
+
+def test_a_spare_replica_relieves_a_hot_rank_with_one_slot() -> None:
+    # Rank loads 13.5, 23, 20, 12.5 (experts 6 and 9 have two replicas each). Within a budget of one slot
+    # no swap fits (a swap moves 2); turning rank 3's spare copy of expert 9 into a second copy of rank 1's
+    # expert 5 does: loads 16, 18, 20, 15, as balanced as the full re-plan.
+    w = torch.tensor([[5.0, 10.0, 5.0, 5.0, 6.0, 10.0, 10.0, 5.0, 8.0, 5.0]])
+    old = torch.tensor([[9, 7, 4, 8, 0, 5, 6, 2, 1, 3, 6, 9]])
+    plan = plan_incremental(w, 12, 1, 1, 4, old, move_budget=1)
+    assert plan.phy2log.tolist() == [[9, 7, 4, 8, 0, 5, 6, 2, 1, 3, 6, 5]]
+    assert plan.moved.tolist() == [1]
+    assert plan.before[0] == pytest.approx(17.25 / 23) and plan.after[0] == pytest.approx(17.25 / 20)
+    assert plan.after[0] == pytest.approx(plan.replan[0])
