@@ -5,9 +5,13 @@ Cases (each a replay through the daemon's window and schedule, window 200, re-pl
 - ``gpt-oss``: the GPT-OSS-20B decode trace (``../shared/data/gpt_oss_20b``, converted with batch 64),
   24 layers x 32 experts -> 40 slots on 8 GPUs;
 - ``dsv3 hier`` / ``dsv3 global``: DeepSeek-V3-shaped loads derived from the same trace: each of 58
-  layers concatenates 8 blocks of 32 experts, each block a random GPT-OSS layer with its experts
-  permuted and its steps rolled by a random offset (seeded), so 58 x 256 -> 288 slots on 32 GPUs,
-  4 nodes with 8 groups (hierarchical) or 1 group (global).
+  layers is one token stream (one random step offset, as every expert of a real layer sees the same
+  tokens) through 8 distinct GPT-OSS layers, 32 experts each, the 256 expert ids then shuffled (ids
+  carry no structure in a real model), seeded; so 58 x 256 -> 288 slots on 32 GPUs, 4 nodes with 8
+  groups (hierarchical) or 1 group (global).
+  ``--derivation blocks`` gives the earlier derivation instead: each block of 32 consecutive ids its own
+  random offset, ids not shuffled. Every rank of the engine's linear layout then holds experts of one
+  independent token stream, which no real layer has, and which only a full re-plan undoes.
 
 Printed per case: mean balancedness (static, default, incremental), incremental's share of default's
 gain (target >= 99%) and of its moved slots (target <= 15%), the same share without the first plan (the
@@ -16,7 +20,7 @@ default's over the plans (target >= 0.99), mean policy time per call. Then, at D
 drifted window, the median run time of one ``incremental`` call (target < 20 ms) and of ``default``
 with and without its stable rank labels.
 
-    .venv/bin/python benchmarks/bench_policy_movement.py [--cases gpt-oss,dsv3-hier,dsv3-global] [--runs 11] [--json]
+    .venv/bin/python benchmarks/bench_policy_movement.py [--cases gpt-oss,dsv3-hier,dsv3-global] [--runs 11] [--derivation stream|blocks] [--json]
 """
 
 from __future__ import annotations
@@ -34,15 +38,20 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 ROUTING = REPO.parent / "shared" / "data" / "gpt_oss_20b" / "gptoss20b_decode_routing_tokens.npz"
 
 
-def dsv3_trace(base: np.ndarray, seed: int = 0) -> np.ndarray:
-    """[steps, 58, 256] from a [steps, L0, 32] trace (see the module docstring)."""
+def dsv3_trace(base: np.ndarray, seed: int = 0, derivation: str = "stream") -> np.ndarray:
+    """[steps, 58, 256] from a [steps, L0 >= 8, 32] trace (see the module docstring)."""
     rng = np.random.default_rng(seed)
     steps, layers0, experts0 = base.shape
     out = np.empty((steps, 58, 8 * experts0), dtype=np.int64)
     for layer in range(58):
-        for block in range(8):
-            src, off, perm = rng.integers(layers0), rng.integers(steps), rng.permutation(experts0)
-            out[:, layer, block * experts0:(block + 1) * experts0] = np.roll(base[:, src, perm], off, axis=0)
+        if derivation == "blocks":
+            for block in range(8):
+                src, off, perm = rng.integers(layers0), rng.integers(steps), rng.permutation(experts0)
+                out[:, layer, block * experts0:(block + 1) * experts0] = np.roll(base[:, src, perm], off, axis=0)
+            continue
+        sources, off = rng.choice(layers0, 8, replace=False), rng.integers(steps)
+        blocks = [base[:, src, rng.permutation(experts0)] for src in sources]
+        out[:, layer] = np.roll(np.concatenate(blocks, axis=1), off, axis=0)[:, rng.permutation(8 * experts0)]
     return out
 
 
@@ -91,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="gpt-oss,dsv3-hier,dsv3-global")
     parser.add_argument("--runs", type=int, default=11)
+    parser.add_argument("--derivation", choices=("stream", "blocks"), default="stream",
+                        help="how the DeepSeek-V3-shaped loads are derived (see the module docstring)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
@@ -99,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     base = convert_routing_file(ROUTING, batch=64, order="shuffle")
-    big = Trace(dsv3_trace(base.load), base.steps, {})
+    big = Trace(dsv3_trace(base.load, derivation=args.derivation), base.steps, {})
     cases = {
         "gpt-oss": (base, Topology(24, 32, 40, 8), 8),
         "dsv3-hier": (big, Topology(58, 256, 288, 32, num_nodes=4, num_groups=8), 32),
