@@ -422,13 +422,14 @@ def _project(w: np.ndarray, old: np.ndarray, target: np.ndarray, num_gpus: int, 
     lay_of = np.repeat(np.arange(layers), zones)
     cnt = np.bincount((target + np.arange(layers)[:, None] * E).ravel(),
                       minlength=layers * E).reshape(layers, E)
-    q = (w / np.maximum(cnt, 1))[lay_of].ravel()
+    per_replica = (w / np.maximum(cnt, 1))[lay_of]  # [X, E]
+    q = per_replica.ravel()
     items = np.repeat(np.arange(X * E), missing)  # flat (row, expert)
     items = items[np.lexsort((-q[items], items // E))]
     n_in = np.bincount(items // E, minlength=X)
     start = np.concatenate([[0], np.cumsum(n_in)[:-1]])
     out = o.copy()
-    loads = np.where(kept, (w / np.maximum(cnt, 1))[lay_of[:, None], o], 0.0).reshape(X, Gz, S).sum(axis=2)
+    loads = np.where(kept, np.take_along_axis(per_replica, o, axis=1), 0.0).reshape(X, Gz, S).sum(axis=2)
     free = ~kept.reshape(X, Gz, S)
     for k in range(int(n_in.max(initial=0))):
         rows = np.flatnonzero(n_in > k)
