@@ -26,10 +26,10 @@ is a few numpy operations over ``[layers, ...]`` arrays):
 The target is the predicted balancedness of the ``default`` policy's full re-plan on
 the same load (balancedness of a layer = mean rank load / max rank load). Every
 regroup, split, retarget and swap is an *option*: a layer can stop after any of
-them (swaps ranked by the heavy rank's load, so each prefix lowers the layer's peak). A layer's last option is
-the full re-plan itself, its ranks relabelled to keep what they hold. The budget
-picks one option per layer, buying the most balancedness per moved slot first
-(a Lagrangian price per slot, bisected):
+them (swaps ranked by the heavy rank's load, so each prefix lowers the layer's peak).
+A layer's last option is the full re-plan itself, its ranks relabelled to keep what
+they hold. The budget picks one option per layer, buying the most balancedness per
+moved slot first (a Lagrangian price per slot, bisected):
 
 - ``move_budget=None`` (the default): the least movement whose predicted
   balancedness, summed over layers, is within ``tolerance`` (0.9%) of the full
@@ -122,6 +122,14 @@ class _Options:
     cost: list[np.ndarray]
     bal: list[np.ndarray]
     changes: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+
+    def add(self, rows: np.ndarray, slots: np.ndarray, experts: np.ndarray, cost: np.ndarray,
+            bal: np.ndarray) -> None:
+        """One option for every layer: the writes of one search step (all in this option), and the
+        cost and balancedness of every layer after it."""
+        self.changes.append((rows, slots, experts, np.full_like(rows, len(self.cost))))
+        self.cost.append(cost)
+        self.bal.append(bal)
 
 
 class _Layout:
@@ -616,20 +624,16 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
         rows, slots, experts = lay.split(target)
         if rows.size == 0:
             break
-        opts.changes.append((rows, slots, experts, np.full_like(rows, len(opts.cost))))
-        opts.cost.append(lay.spent())
-        opts.bal.append(lay.balancedness())
+        opts.add(rows, slots, experts, lay.spent(), lay.balancedness())
     among = np.arange(num_layers)
     for _ in range(MAX_RETARGETS):
         rows, slots, experts, dcost = lay.retarget(target, among)
         if rows.size == 0:
             break
         among = rows
-        opts.changes.append((rows, slots, experts, np.full_like(rows, len(opts.cost))))
-        c = opts.cost[-1].copy()
-        c[rows] += dcost
-        opts.cost.append(c)
-        opts.bal.append(lay.balancedness())
+        cost = opts.cost[-1].copy()
+        cost[rows] += dcost
+        opts.add(rows, slots, experts, cost, lay.balancedness())
     active = np.ones(num_layers, dtype=bool)
     for _ in range(max_rounds):
         active &= lay.R.max(axis=1) > target * (1 + _TIE)
@@ -679,9 +683,7 @@ def _regroup(lay: _Layout, opts: _Options, replan: np.ndarray, keep: np.ndarray,
     lay.holds = _copies(lay.phy, lay.G, lay.E)
     lay.refresh()
     rows, slots = np.nonzero(lay.phy != lay.old)
-    opts.changes.append((rows, slots, lay.phy[rows, slots], np.full_like(rows, len(opts.cost))))
-    opts.cost.append(lay.spent())
-    opts.bal.append(lay.balancedness())
+    opts.add(rows, slots, lay.phy[rows, slots], lay.spent(), lay.balancedness())
 
 
 def _holds_every_expert(old: np.ndarray, num_logical: int) -> bool:
