@@ -615,11 +615,12 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
     replan = plan_checked(w, num_replicas, num_groups, num_nodes, num_gpus)[0]
     replan_bal = _predicted(w, replan, num_gpus)
     keep = rank_overlap(replan, old, num_gpus, num_logical, held=lay.held)
+    relabelled = _Relabelled(replan, keep, num_gpus, num_nodes, hierarchical)
 
     target = lay.mean / np.maximum(replan_bal, 1e-300)  # the re-plan's peak rank load
     opts = _Options([np.zeros(num_layers, dtype=np.int64)], [before], [])
     if hierarchical:
-        _regroup(lay, opts, replan, keep, num_groups, num_nodes)
+        _regroup(lay, opts, relabelled, num_groups, num_nodes)
     for _ in range(MAX_SPLITS):
         rows, slots, experts = lay.split(target)
         if rows.size == 0:
@@ -659,17 +660,33 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
         new[rows[take], slots[take]] = experts[take]
     re_layers = np.flatnonzero(pick == n_opts)
     if re_layers.size:
-        order = stable_rank_order_from(keep[re_layers], num_nodes, hierarchical)
-        part = apply_rank_order(replan[re_layers], order, num_gpus)
-        new[re_layers] = preserve_local_slots(part, old[re_layers], num_gpus).numpy()
+        new[re_layers] = preserve_local_slots(relabelled(re_layers), old[re_layers], num_gpus).numpy()
     moved = moved_slots(old, new, num_gpus).numpy()
     choice = ["replan" if p == n_opts else ("moves" if m or not np.array_equal(new[i], old[i]) else "kept")
               for i, (p, m) in enumerate(zip(pick.tolist(), moved.tolist()))]
     return IncrementalPlan(torch.from_numpy(new), choice, moved, before, _predicted(w, new, num_gpus), replan_bal)
 
 
-def _regroup(lay: _Layout, opts: _Options, replan: np.ndarray, keep: np.ndarray, num_groups: int,
-             num_nodes: int) -> None:
+class _Relabelled:
+    """The full re-plan's layers with their ranks relabelled to keep the most (exact matching on
+    ``keep``), each layer matched once however often it is asked for."""
+
+    def __init__(self, replan: np.ndarray, keep: np.ndarray, num_gpus: int, num_nodes: int, hierarchical: bool):
+        self.replan, self.keep, self.args = replan, keep, (num_nodes, hierarchical)
+        self.num_gpus = num_gpus
+        self.out = np.empty_like(replan)
+        self.done = np.zeros(len(replan), dtype=bool)
+
+    def __call__(self, layers: np.ndarray) -> np.ndarray:
+        todo = layers[~self.done[layers]]
+        if todo.size:
+            order = stable_rank_order_from(self.keep[todo], *self.args)
+            self.out[todo] = apply_rank_order(self.replan[todo], order, self.num_gpus)
+            self.done[todo] = True
+        return self.out[layers]
+
+
+def _regroup(lay: _Layout, opts: _Options, relabelled: _Relabelled, num_groups: int, num_nodes: int) -> None:
     """Hierarchical case: layers whose placement splits an expert group over nodes (e.g. the engine's
     initial layout) first take, node by node, the replicas of the full re-plan (its nodes relabelled to
     keep the most), changing only the slots whose expert that node no longer wants. Swaps then balance
@@ -677,9 +694,7 @@ def _regroup(lay: _Layout, opts: _Options, replan: np.ndarray, keep: np.ndarray,
     bad = np.flatnonzero(_split_groups(lay.old, lay.E, num_groups, num_nodes))
     if bad.size == 0:
         return
-    order = stable_rank_order_from(keep[bad], num_nodes, True)
-    target = apply_rank_order(replan[bad], order, lay.G)
-    lay.phy[bad] = _project(lay.w[bad], lay.old[bad], target, lay.G, num_nodes)
+    lay.phy[bad] = _project(lay.w[bad], lay.old[bad], relabelled(bad), lay.G, num_nodes)
     lay.holds = _copies(lay.phy, lay.G, lay.E)
     lay.refresh()
     rows, slots = np.nonzero(lay.phy != lay.old)
