@@ -26,20 +26,30 @@ from eplbd.policy import registry as registry_mod
 FAST = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-# --- a straightforward per-layer port of DeepSeek EPLB, for comparison -------------
+# --- a straightforward per-layer port of vLLM's default policy, for comparison ------
+#
+# vLLM 0.32 (vllm/distributed/eplb/policy/default.py) rounds loads to float32, sums groups
+# in float32, divides by replica counts in float64, orders items by numpy's default
+# argsort of the negated loads (not a stable sort: its order of equal loads is vLLM's
+# tie-break) and takes the first lightest pack / first heaviest per-replica load.
 
 
-def ref_packing(weights: list[float], num_packs: int) -> tuple[list[int], list[int]]:
+def ref_order(values: list[float], dtype: type) -> list[int]:
+    """Heaviest first in vLLM's order: numpy's default argsort of the negated values, in vLLM's dtype."""
+    return np.argsort(-np.asarray(values, dtype=dtype)).tolist()
+
+
+def ref_packing(weights: list[float], num_packs: int, dtype: type) -> tuple[list[int], list[int]]:
     n = len(weights)
     per_pack = n // num_packs
     if per_pack == 1:
         return list(range(n)), [0] * n
     pack, rank = [-1] * n, [-1] * n
     pack_w, pack_n = [0.0] * num_packs, [0] * num_packs
-    for item in sorted(range(n), key=lambda i: -weights[i]):  # stable
-        p = min((p for p in range(num_packs) if pack_n[p] < per_pack), key=pack_w.__getitem__)
+    for item in ref_order(weights, dtype):
+        p = min((p for p in range(num_packs) if pack_n[p] < per_pack), key=pack_w.__getitem__)  # first lightest
         pack[item], rank[item] = p, pack_n[p]
-        pack_w[p] += weights[item]
+        pack_w[p] += weights[item]  # float64
         pack_n[p] += 1
     return pack, rank
 
@@ -48,19 +58,23 @@ def ref_replicate(weights: list[float], num_phy: int) -> tuple[list[int], list[i
     n = len(weights)
     phy2log, cnt = list(range(n)), [1] * n
     for _ in range(num_phy - n):
-        e = max(range(n), key=lambda j: weights[j] / cnt[j])  # first maximum
+        e = max(range(n), key=lambda j: weights[j] / cnt[j])  # first maximum, float64 quotients
         phy2log.append(e)
         cnt[e] += 1
     return phy2log, cnt
 
 
 def ref_layer(w: list[float], num_replicas: int, groups: int, nodes: int, gpus: int) -> list[int]:
+    """One layer's phy2log; ``w`` is rounded to float32 here (an int64 tensor row converted by torch
+    rounds the same way)."""
     if groups % nodes:
         groups, nodes = 1, 1
+    w32 = np.asarray(w, dtype=np.float64).astype(np.float32)
+    w = [float(x) for x in w32]
     num_logical = len(w)
     gs = num_logical // groups
-    sums = [float(np.sum(np.asarray(w[g * gs : (g + 1) * gs], dtype=np.float64))) for g in range(groups)]
-    gpack, grank = ref_packing(sums, nodes)
+    sums = [float(np.sum(w32[g * gs:(g + 1) * gs])) for g in range(groups)]  # float32, numpy's pairwise sum
+    gpack, grank = ref_packing(sums, nodes, np.float32)
     phy_per_node, phy_per_gpu = num_replicas // nodes, num_replicas // gpus
     out = [-1] * num_replicas
     for node in range(nodes):
@@ -69,7 +83,7 @@ def ref_layer(w: list[float], num_replicas: int, groups: int, nodes: int, gpus: 
         node_w = [w[e] for e in experts]
         phy2m, cnt = ref_replicate(node_w, phy_per_node)
         loads = [node_w[m] / cnt[m] for m in phy2m]
-        pack, rank = ref_packing(loads, gpus // nodes)
+        pack, rank = ref_packing(loads, gpus // nodes, np.float64)
         for i, m in enumerate(phy2m):
             out[node * phy_per_node + pack[i] * phy_per_gpu + rank[i]] = experts[m]
     return out
@@ -82,12 +96,15 @@ def ref_layer(w: list[float], num_replicas: int, groups: int, nodes: int, gpus: 
 def topologies(draw: st.DrawFn) -> tuple[int, int, int, int, int, int]:
     """(layers, num_logical, num_replicas, num_groups, num_nodes, num_gpus)."""
     nodes = draw(st.integers(1, 4))
-    gpus = nodes * draw(st.integers(1, 3))
     if nodes > 1 and draw(st.booleans()):
-        groups = draw(st.integers(1, 8).filter(lambda g: g % nodes != 0))  # global fallback
+        # Global fallback: neither experts nor GPUs need divide by groups or nodes (as in vLLM).
+        groups = draw(st.integers(1, 8).filter(lambda g: g % nodes != 0))
+        gpus = draw(st.integers(1, 6))
+        num_logical = draw(st.integers(1, 16))
     else:
+        gpus = nodes * draw(st.integers(1, 3))
         groups = nodes * draw(st.integers(1, 3))
-    num_logical = groups * draw(st.integers(1, 4))
+        num_logical = groups * draw(st.integers(1, 4))
     num_replicas = gpus * (math.ceil(num_logical / gpus) + draw(st.integers(0, 2)))
     layers = draw(st.integers(1, 4))
     return layers, num_logical, num_replicas, groups, nodes, gpus
@@ -212,14 +229,14 @@ def test_no_redundancy_and_zero_layers() -> None:
     assert phy2log.shape == (0, 16) and logcnt.shape == (0, 8)
 
 
-def test_counts_above_2_pow_24_stay_distinct() -> None:
-    # float32 would round both to 2**24 and hand the redundant slot to expert 0.
-    for dtype in (torch.int64, torch.float64):
+def test_loads_are_rounded_to_float32_like_vllm() -> None:
+    # vLLM's policy plans on weight.float(): 2**24 and 2**24 + 1 are then equal and the redundant
+    # slot goes to the first of them, whatever the input dtype (this used to plan in float64).
+    for dtype in (torch.int64, torch.float64, torch.float32):
         w = torch.tensor([[2**24, 2**24 + 1]], dtype=dtype)
-        _, _, logcnt = rebalance_experts(w, 3, 1, 1, 1)
-        assert logcnt.tolist() == [[1, 2]]
-    w = torch.tensor([[2**24, 2**24 + 1]], dtype=torch.float32)
-    assert rebalance_experts(w, 3, 1, 1, 1)[2].tolist() == [[2, 1]]
+        assert rebalance_experts(w, 3, 1, 1, 1)[2].tolist() == [[2, 1]]
+    with pytest.raises(PolicyError, match="float32"):
+        rebalance_experts(torch.tensor([[1e39, 1.0]], dtype=torch.float64), 2, 1, 1, 1)
 
 
 def test_non_contiguous_input() -> None:
@@ -237,7 +254,7 @@ def test_non_contiguous_input() -> None:
         ((2, 12), (10, 4, 2, 8), "num_replicas=10"),
         ((2, 12), (18, 4, 2, 4), "num_replicas=18"),
         ((2, 12), (16, 5, 1, 8), "num_groups=5"),
-        ((2, 12), (16, 4, 3, 8), "num_nodes=3"),
+        ((2, 12), (16, 4, 2, 1), "num_nodes=2"),
         ((2, 12), (16, 4, 2, 0), "0"),
         ((2, 12), (16, 4, -2, 8), "-2"),
         ((2, 12), (16.0, 4, 2, 8), "16.0"),

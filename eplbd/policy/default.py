@@ -8,10 +8,22 @@ group and one node):
    with the highest per-replica load (``weight / count``);
 3. pack each node's replicas onto its GPUs (``balanced_packing`` on per-replica load).
 
-Same outputs as vLLM on inputs without ties. Where vLLM leaves ties to an unstable
-sort we break them towards the lowest index (stable sort, ``argmin``/``argmax``),
-so the result is deterministic. Work is in float64 (vLLM uses float32) so that
-counts above 2**24 still compare correctly.
+The same output as vLLM 0.32's ``DefaultEplbPolicy.rebalance_experts`` (no previous
+placement), bit for bit, ties included:
+
+- loads are rounded to float32 first (vLLM's ``weight.float()``), group sums are
+  float32 sums, per-replica loads ``weight / count`` are float64 quotients of those;
+- items are ordered by numpy's default ``argsort`` of the negated loads, on the
+  same dtype and row shape as vLLM: that sort is not stable (SIMD quicksort), and
+  the order it leaves equal loads in *is* vLLM's tie-break, so it is called, not
+  imitated; the lightest pack and the heaviest per-replica load are the first
+  ``argmin`` / ``argmax``, as in vLLM's loops;
+- fall-backs: global (one group, one node) when ``num_groups % num_nodes != 0``,
+  whatever the number of experts per group or GPUs per node; hierarchical needs
+  ``num_logical % num_groups == 0`` and ``num_gpus % num_nodes == 0`` (vLLM asserts).
+
+The one deliberate difference: loads that are negative, NaN, infinite or beyond
+float32's range raise :class:`PolicyError` (vLLM plans on them, meaninglessly).
 
 Vectorised: the greedy loops run once per *item* (a true sequential dependency),
 each step being a few numpy ops over every row (layers, or layers x nodes) at
@@ -31,11 +43,13 @@ from eplbd.policy.placement import derive_log2phy
 def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
     """Pack ``N`` items per row into ``num_packs`` packs of exactly ``N / num_packs`` items.
 
-    Items are taken heaviest first (stable: lowest index first among equal weights),
-    each into the lightest pack that is not yet full (lowest pack index on ties).
+    Items are taken heaviest first, in the order of numpy's default ``argsort`` of
+    ``-weight`` (vLLM's order, ties included), each into the lightest pack that is
+    not yet full (lowest pack index on ties). Pack weights are float64 sums.
 
     Args:
-        weight: [X, N] float64, the weight of each item; ``N % num_packs == 0``.
+        weight: [X, N] float32 or float64 (vLLM's dtype for the step: the order of
+            equal weights depends on it), the weight of each item; ``N % num_packs == 0``.
         num_packs: number of packs.
 
     Returns:
@@ -48,7 +62,7 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
         pack_index = np.broadcast_to(np.arange(num_items, dtype=np.int64), weight.shape).copy()
         return pack_index, np.zeros(weight.shape, dtype=np.int64)
 
-    order = np.argsort(-weight, axis=1, kind="stable")
+    order = np.argsort(-weight, axis=-1)  # vLLM's call: its tie order is part of the result
     sorted_w = np.take_along_axis(weight, order, axis=1)
     # Flat views: 1-D take/put are several times cheaper than 2-D fancy indexing,
     # and this loop body is the whole cost of the policy.
@@ -83,10 +97,10 @@ def replicate_experts(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.
     """Grow ``N`` experts per row to ``num_phy`` replicas, minimising the max per-replica load.
 
     Replica ``i < N`` is expert ``i``; each further one goes to the expert with the
-    highest ``weight / count`` (lowest expert index on ties).
+    highest ``weight / count`` (float64 quotient; lowest expert index on ties).
 
     Args:
-        weight: [X, N] float64.
+        weight: [X, N] float32 or float64.
         num_phy: replicas per row, ``>= N``.
 
     Returns:
@@ -98,8 +112,8 @@ def replicate_experts(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.
     phy2log = np.empty((num_rows, num_phy), dtype=np.int64)
     phy2log[:, :num_log] = np.arange(num_log, dtype=np.int64)
     logcnt = np.ones((num_rows, num_log), dtype=np.int64)
-    load = weight.copy()
-    flat_w, flat_cnt, flat_load = weight.reshape(-1), logcnt.reshape(-1), load.reshape(-1)
+    load = weight.astype(np.float64)
+    flat_w, flat_cnt, flat_load = load.copy().reshape(-1), logcnt.reshape(-1), load.reshape(-1)
     row_base = np.arange(num_rows, dtype=np.int64) * num_log
     for i in range(num_log, num_phy):
         expert = load.argmax(axis=1)
@@ -121,7 +135,7 @@ def _inverse(perm: np.ndarray) -> np.ndarray:
 def _rebalance_hierarchical(
     weight: np.ndarray, num_physical: int, num_groups: int, num_nodes: int, num_gpus: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Steps 1-3 above on float64 ``weight`` [L, E]; returns phy2log [L, P] and logcnt [L, E]."""
+    """Steps 1-3 above on float32 ``weight`` [L, E]; returns phy2log [L, P] and logcnt [L, E]."""
     num_layers, num_logical = weight.shape
     group_size = num_logical // num_groups
     groups_per_node = num_groups // num_nodes
@@ -181,8 +195,41 @@ def check_weight(weight: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def as_float32(weight: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A checked load matrix (:func:`check_weight`) rounded to float32 as vLLM's policy rounds it.
+
+    Args:
+        weight: [layers, num_logical] of any integer or float dtype, any device, finite and >= 0.
+
+    Returns:
+        [layers, num_logical] float32 ``np.ndarray``: ``weight.float()`` for a tensor (one
+        rounding, straight from its dtype), ``astype(float32)`` for an array.
+
+    Raises:
+        PolicyError: a load beyond float32's range.
+    """
+    if isinstance(weight, torch.Tensor):
+        w32 = weight.detach().float().cpu().numpy()
+    else:
+        w32 = np.asarray(weight).astype(np.float32)
+    if not np.isfinite(w32).all():
+        layer, expert = (int(i) for i in np.argwhere(~np.isfinite(w32))[0])
+        raise PolicyError(f"weight {float(np.asarray(weight[layer, expert]))!r} at [layer {layer}, expert {expert}]"
+                          " is beyond float32's range, which the policy computes in (as vLLM's does)")
+    return np.ascontiguousarray(w32)
+
+
+def hierarchical(num_groups: int, num_nodes: int) -> bool:
+    """Whether the policy packs groups onto nodes (vLLM's rule), else it plans globally."""
+    return num_groups % num_nodes == 0
+
+
 def check_args(num_logical: int, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> None:
-    """Raise ``PolicyError`` naming the values when the topology cannot be balanced."""
+    """Raise ``PolicyError`` naming the values where vLLM's policy would fail an assertion.
+
+    Global planning (``num_groups % num_nodes != 0``) only needs enough slots, in equal
+    shares per GPU; groups and nodes then need not divide anything.
+    """
     num_replicas = _positive_int("num_replicas", num_replicas)
     num_groups = _positive_int("num_groups", num_groups)
     num_nodes = _positive_int("num_nodes", num_nodes)
@@ -191,19 +238,23 @@ def check_args(num_logical: int, num_replicas: int, num_groups: int, num_nodes: 
         raise PolicyError(f"num_replicas={num_replicas} is smaller than the number of logical experts {num_logical}")
     if num_replicas % num_gpus:
         raise PolicyError(f"num_replicas={num_replicas} is not a multiple of num_gpus={num_gpus}")
+    if not hierarchical(num_groups, num_nodes):
+        return
     if num_logical % num_groups:
-        raise PolicyError(f"number of logical experts {num_logical} is not a multiple of num_groups={num_groups}")
+        raise PolicyError(f"number of logical experts {num_logical} is not a multiple of num_groups={num_groups}"
+                          f" (hierarchical: num_groups is a multiple of num_nodes={num_nodes})")
     if num_gpus % num_nodes:
-        raise PolicyError(f"num_gpus={num_gpus} is not a multiple of num_nodes={num_nodes}")
+        raise PolicyError(f"num_gpus={num_gpus} is not a multiple of num_nodes={num_nodes}"
+                          f" (hierarchical: num_groups={num_groups} is a multiple of it)")
 
 
-def plan_checked(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int,
+def plan_checked(w32: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int,
                  num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`rebalance_experts`' phy2log and logcnt as numpy, for a weight and topology already checked
-    (``check_weight``, ``check_args``); callers that need no ``log2phy`` skip deriving it."""
-    if num_groups % num_nodes == 0:
-        return _rebalance_hierarchical(w, num_replicas, num_groups, num_nodes, num_gpus)
-    return _rebalance_hierarchical(w, num_replicas, 1, 1, num_gpus)
+    """:func:`rebalance_experts`' phy2log and logcnt as numpy, for float32 loads from :func:`as_float32` and a
+    topology already checked (``check_args``); callers that need no ``log2phy`` skip deriving it."""
+    if hierarchical(num_groups, num_nodes):
+        return _rebalance_hierarchical(w32, num_replicas, num_groups, num_nodes, num_gpus)
+    return _rebalance_hierarchical(w32, num_replicas, 1, 1, num_gpus)
 
 
 def rebalance_experts(
@@ -217,12 +268,13 @@ def rebalance_experts(
 
     Args:
         weight: [layers, num_logical] load per logical expert; any integer or float
-            dtype, any device; finite and >= 0.
+            dtype, any device; finite and >= 0; rounded to float32 as in vLLM.
         num_replicas: number of physical experts (slots), a multiple of ``num_gpus``
             and ``>= num_logical``.
-        num_groups: expert groups; ``num_logical % num_groups == 0``.
-        num_nodes: server nodes (fast intra-node links); ``num_gpus % num_nodes == 0``.
-            Hierarchical balancing when ``num_groups % num_nodes == 0``, else global.
+        num_groups: expert groups. Hierarchical balancing when ``num_groups % num_nodes
+            == 0`` (then ``num_logical % num_groups == 0`` and ``num_gpus % num_nodes == 0``
+            are required), else global, with no condition on groups or nodes.
+        num_nodes: server nodes (fast intra-node links).
         num_gpus: EP ranks.
 
     Returns:
@@ -234,10 +286,9 @@ def rebalance_experts(
     Raises:
         PolicyError: a bad weight value or an impossible topology; the message quotes it.
     """
-    w = check_weight(weight)
-    num_logical = w.shape[1]
+    num_logical = check_weight(weight).shape[1]
     check_args(num_logical, num_replicas, num_groups, num_nodes, num_gpus)
-    phy2log, logcnt = plan_checked(w, num_replicas, num_groups, num_nodes, num_gpus)
+    phy2log, logcnt = plan_checked(as_float32(weight), num_replicas, num_groups, num_nodes, num_gpus)
     phy2log_t = torch.from_numpy(np.ascontiguousarray(phy2log))
     log2phy, _ = derive_log2phy(phy2log_t, num_logical)
     return phy2log_t, log2phy, torch.from_numpy(np.ascontiguousarray(logcnt))

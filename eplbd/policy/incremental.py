@@ -68,7 +68,7 @@ import torch
 
 from eplbd.errors import PolicyError
 from eplbd.policy.balance import predicted_balancedness
-from eplbd.policy.default import check_args, check_weight, plan_checked, rebalance_experts
+from eplbd.policy.default import as_float32, check_args, check_weight, plan_checked, rebalance_experts
 from eplbd.policy.matching import apply_rank_order, rank_overlap, stable_rank_order_from
 from eplbd.policy.placement import _int_array, moved_slots, preserve_local_slots
 from eplbd.policy.registry import Policy, register_policy
@@ -612,7 +612,7 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
         return IncrementalPlan(torch.from_numpy(old.copy()), ["kept"] * num_layers,
                                np.zeros(num_layers, dtype=np.int64), before, before.copy(), before.copy())
 
-    replan = plan_checked(w, num_replicas, num_groups, num_nodes, num_gpus)[0]
+    replan = plan_checked(as_float32(weight), num_replicas, num_groups, num_nodes, num_gpus)[0]
     replan_bal = _predicted(w, replan, num_gpus)
     keep = rank_overlap(replan, old, num_gpus, num_logical, held=lay.held)
     relabelled = _Relabelled(replan, keep, num_gpus, num_nodes, hierarchical)
