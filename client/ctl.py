@@ -38,8 +38,12 @@ Commands:
 ``dump PATH``
     The daemon writes its load window as a trace (``eplbd.trace``) to PATH on *its* filesystem;
     PATH is made absolute here first.
-``load-placement PATH [--dry-run]``
+``load-placement PATH [--dry-run] [--moe-layers IDS [--num-hidden-layers N] | --model-config CONFIG_JSON]``
     Push the placement in PATH (daemon's filesystem, made absolute here); prints as ``rebalance``.
+    For an SGLang file of a model with dense layers (one row per decoder layer: DeepSeek-V3/R1 has 61,
+    the daemon 58) name the MoE layers (``--moe-layers 3-60``) or the model's ``config.json``: PATH is
+    then read here, cut to its MoE rows, written next to it as a hidden ``.NAME.moe-layers.PID.json``
+    (so a daemon that shares this filesystem reads it), pushed, and removed.
 ``config get [KEY]`` / ``config set KEY VALUE``
     Show the daemon's live config (or one key), or change one key. VALUE is parsed as JSON when it
     parses (``50``, ``true``, ``0.02``), else sent as a string; the daemon coerces and validates.
@@ -68,7 +72,8 @@ from typing import Any, Callable
 import msgspec
 
 from eplbd.client import watch
-from eplbd.errors import ConfigError, EplbdError, NotFoundError, UnavailableError
+from eplbd.errors import (ConfigError, EplbdError, InvalidArgumentError, NotFoundError, PlacementError,
+                          UnavailableError)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -239,6 +244,38 @@ def do_config(c: Any, args: argparse.Namespace) -> Any:
     return reply
 
 
+def do_load_placement(c: Any, args: argparse.Namespace) -> Any:
+    from eplbd.integrations.sglang import LayerAxis  # imports torch: not for --help
+
+    layers = LayerAxis.from_flags(args.moe_layers, args.model_config, args.num_hidden_layers)
+    if layers is None:
+        return c.load_placement(args.path, dry_run=args.dry_run)
+    from eplbd.plans import read_placement_file, write_placement_file
+
+    phy2log = layers.moe_placement(read_placement_file(args.path), where=f"placement file {args.path!r}")
+    head, name = os.path.split(args.path)
+    moe_path = os.path.join(head, f".{name}.moe-layers.{os.getpid()}.json")
+    try:
+        write_placement_file(moe_path, phy2log)
+    except OSError as exc:
+        raise InvalidArgumentError(f"cannot write the MoE rows of {args.path!r} next to it as {moe_path!r}: "
+                                   f"{exc.strerror or exc}; write them with `eplbd convert-placement "
+                                   f"{args.path} -o moe.json --moe-layers ...` and load that") from None
+    try:
+        return c.load_placement(moe_path, dry_run=args.dry_run)
+    except PlacementError as exc:
+        if "does not exist" in str(exc) and moe_path in str(exc):
+            raise PlacementError(f"the daemon cannot see {moe_path!r}, the MoE rows of {args.path!r} written "
+                                 "here: it does not share this filesystem; run `eplbd convert-placement "
+                                 "--moe-layers ...` on its host and load that") from None
+        raise
+    finally:
+        try:
+            os.unlink(moe_path)
+        except FileNotFoundError:
+            pass
+
+
 def _json_or_str(text: str) -> Any:
     try:
         return json.loads(text)
@@ -302,8 +339,15 @@ COMMANDS: dict[str, tuple[str, list, Callable, Callable]] = {
     "dump": ("daemon writes its load window to PATH (its filesystem)", [A("path", type=_abspath)],
              lambda c, a: c.dump_window(a.path), _say("daemon wrote {reply.steps} steps to {reply.path}")),
     "load-placement": ("push the placement in PATH (daemon's filesystem)",
-                       [A("path", type=_abspath), A("--dry-run", action="store_true")],
-                       lambda c, a: c.load_placement(a.path, dry_run=a.dry_run), render_rebalance),
+                       [A("path", type=_abspath), A("--dry-run", action="store_true"),
+                        A("--moe-layers", metavar="IDS",
+                          help="the model's MoE layers by decoder layer number (e.g. 3-60 for DeepSeek-V3/R1): "
+                               "PATH has a row per decoder layer and is cut to them here"),
+                        A("--num-hidden-layers", type=int, metavar="N",
+                          help="decoder layers, with --moe-layers (default: the last MoE layer + 1)"),
+                        A("--model-config", metavar="CONFIG_JSON",
+                          help="read the MoE layers from the model's Hugging Face config.json")],
+                       do_load_placement, render_rebalance),
     "config": ("get or set the daemon's live config", [], do_config, render_config),
     "resize": ("elastic EP: ranks leave or join the group",
                [A("--mapping", type=_mapping, required=True, metavar="0,1,2,-1"),

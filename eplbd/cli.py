@@ -49,10 +49,48 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--order", default="shuffle", choices=["shuffle", "file"],
                    help="token-routing input: request admission order")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_layer_arguments(p)
     p.set_defaults(func=_cmd_replay)
 
 
-def _load_any_trace(path: str, batch: int, order: str, quiet: bool):
+def _add_layer_arguments(p: argparse.ArgumentParser) -> None:
+    """``--moe-layers`` / ``--model-config`` / ``--num-hidden-layers``: read by ``_layer_axis``."""
+    g = p.add_argument_group(
+        "layer axis", "SGLang's files have one row per decoder layer, dense layers included; eplbd's one per MoE "
+                      "layer. Name the MoE layers for a model with dense layers (DeepSeek-V3/R1: --moe-layers 3-60); "
+                      "without either flag every row is taken as a MoE layer.")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--moe-layers", metavar="IDS", help="the MoE layers by decoder layer number, e.g. 3-60 or 0,2,4-7")
+    x.add_argument("--model-config", metavar="CONFIG_JSON",
+                   help="read the MoE layers from the model's Hugging Face config.json")
+    g.add_argument("--num-hidden-layers", type=int, metavar="N",
+                   help="decoder layers, with --moe-layers (default: the last MoE layer + 1)")
+
+
+def _layer_axis(args: argparse.Namespace):
+    """The ``LayerAxis`` the layer flags name, or None (rows are MoE layers)."""
+    from eplbd.integrations.sglang import LayerAxis
+
+    return LayerAxis.from_flags(args.moe_layers, args.model_config, args.num_hidden_layers)
+
+
+def _load_any_trace(path: str, batch: int, order: str, quiet: bool, layers=None):
+    """The trace in ``path`` (converted from token routing if it is that), its rows cut to the MoE layers of
+    ``layers`` (a ``LayerAxis``) when given."""
+    trace = _read_any_trace(path, batch, order, quiet)
+    if layers is not None:
+        trace.load = layers.moe_load(trace.load, where=path)
+    elif trace.meta.get("format") == "sglang":
+        empty = [i for i in range(trace.num_layers) if not trace.load[:, i].any()]
+        if empty:
+            print(f"note: {path}: layer rows {empty[:8]}{'...' if len(empty) > 8 else ''} hold no tokens; SGLang "
+                  "writes a row per decoder layer, so if these are dense layers pass --moe-layers or "
+                  "--model-config (DeepSeek-V3/R1: --moe-layers 3-60), or they count as idle MoE layers",
+                  file=sys.stderr)
+    return trace
+
+
+def _read_any_trace(path: str, batch: int, order: str, quiet: bool):
     from eplbd.trace import convert_routing_file, is_token_routing, load_trace
 
     if is_token_routing(path):
@@ -73,7 +111,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from eplbd.replay import replay, stderr_progress
     from eplbd.scheduler import Topology
 
-    trace = _load_any_trace(args.trace, args.batch, args.order, args.json)
+    trace = _load_any_trace(args.trace, args.batch, args.order, args.json, _layer_axis(args))
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
     config = make_eplb_config(window_size=args.window_size, step_interval=args.step_interval,
                               num_redundant_experts=args.num_redundant, min_gain=args.min_gain,
@@ -167,6 +205,7 @@ def _add_convert_files(sub: argparse._SubParsersAction) -> None:
         p.add_argument("input", help="file to read (format told by its keys)")
         p.add_argument("-o", "--output", required=True, help="file to write")
         p.add_argument("--format", default="auto", choices=["auto", "eplbd", "sglang"])
+        _add_layer_arguments(p)
         p.set_defaults(func=_cmd_convert_placement if kind == "placement" else _cmd_convert_load)
 
 
@@ -187,25 +226,38 @@ def _cmd_convert_placement(args: argparse.Namespace) -> int:
     from eplbd.integrations.sglang import write_placement
     from eplbd.plans import read_placement_file, write_placement_file
 
+    layers = _layer_axis(args)
     phy2log = read_placement_file(args.input)
+    if layers is not None:
+        phy2log = layers.moe_placement(phy2log, where=f"placement file {args.input!r}")
     fmt = _out_format(args.format, args.output, ".json", "eplbd")
-    (write_placement if fmt == "sglang" else write_placement_file)(args.output, phy2log)
-    print(f"wrote {args.output}: {fmt} placement, {phy2log.shape[0]} layers x {phy2log.shape[1]} slots")
+    if fmt == "sglang":
+        write_placement(args.output, phy2log, layers)
+    else:
+        write_placement_file(args.output, phy2log)
+    rows = layers.num_hidden_layers if layers is not None and fmt == "sglang" else phy2log.shape[0]
+    print(f"wrote {args.output}: {fmt} placement, {rows} layers x {phy2log.shape[1]} slots{_layers_note(layers)}")
     return 0
+
+
+def _layers_note(layers) -> str:
+    return "" if layers is None else f" ({layers.describe()})"
 
 
 def _cmd_convert_load(args: argparse.Namespace) -> int:
     from eplbd.integrations.sglang import write_load
     from eplbd.trace import save_trace
 
-    trace = _load_any_trace(args.input, 64, "shuffle", True)
+    layers = _layer_axis(args)
+    trace = _load_any_trace(args.input, 64, "shuffle", True, layers)
     fmt = _out_format(args.format, args.output, ".npz", "sglang")
     if fmt == "sglang":
-        write_load(args.output, trace.load)
+        write_load(args.output, trace.load, layers)
     else:
         save_trace(args.output, trace.load, steps=trace.steps, meta=trace.meta)
-    print(f"wrote {args.output}: {fmt} load, {trace.load.shape[0]} steps x {trace.num_layers} layers x "
-          f"{trace.num_logical} experts")
+    rows = layers.num_hidden_layers if layers is not None and fmt == "sglang" else trace.num_layers
+    print(f"wrote {args.output}: {fmt} load, {trace.load.shape[0]} steps x {rows} layers x "
+          f"{trace.num_logical} experts{_layers_note(layers)}")
     return 0
 
 
