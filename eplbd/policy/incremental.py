@@ -69,11 +69,11 @@ import torch
 from eplbd.errors import PolicyError
 from eplbd.policy.balance import predicted_balancedness
 from eplbd.policy.default import as_float32, check_args, check_weight, plan_checked, rebalance_experts
-from eplbd.policy.matching import apply_rank_order, rank_overlap, stable_rank_order_from
+from eplbd.policy.matching import apply_rank_order, assignment_batch, rank_overlap, stable_rank_order_from
 from eplbd.policy.placement import _int_array, moved_slots, preserve_local_slots
 from eplbd.policy.registry import Policy, register_policy
 
-TOLERANCE = 0.009  # a plan keeps >= 99.1% of the full re-plan's predicted balancedness (summed over layers)
+KEEP = 0.99  # a plan keeps >= 99% of the full re-plan's gain in predicted balancedness (summed over layers)
 FRESH_SHARE = 0.5
 MAX_ROUNDS = 24
 MAX_RETARGETS = 24
@@ -88,7 +88,8 @@ class IncrementalPlan:
 
     Attributes:
         phy2log: [layers, num_physical] int64, the new placement.
-        choice: per layer, ``"kept"`` (unchanged), ``"moves"`` (the repair's moves) or
+        choice: per layer, ``"kept"`` (unchanged), ``"moves"`` (the repair's moves),
+            ``"project"`` (the re-plan's replica counts per node, then the repair's moves) or
             ``"replan"`` (the full re-plan, relabelled).
         moved: [layers] int64, slots that receive an expert from another rank.
         before, after: [layers] float64 predicted balancedness of the old and new placement.
@@ -104,8 +105,9 @@ class IncrementalPlan:
 
     def summary(self) -> str:
         """One line for logs and reasons: layers per choice, slots moved, balance vs a full re-plan."""
-        counts = {c: self.choice.count(c) for c in ("kept", "moves", "replan")}
-        return (f"incremental: {counts['moves']} layer(s) by moves, {counts['replan']} re-planned, "
+        counts = {c: self.choice.count(c) for c in ("kept", "moves", "project", "replan")}
+        return (f"incremental: {counts['moves']} layer(s) by moves, {counts['project']} projected, "
+                f"{counts['replan']} re-planned, "
                 f"{counts['kept']} kept; {int(self.moved.sum())} slots moved; predicted "
                 f"{self.after.mean():.4f} vs full re-plan {self.replan.mean():.4f}")
 
@@ -582,7 +584,7 @@ def _check(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, nu
 
 def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_groups: int, num_nodes: int,
                      num_gpus: int, old_phy2log: torch.Tensor | np.ndarray,
-                     move_budget: int | None = None, *, tolerance: float = TOLERANCE,
+                     move_budget: int | None = None, *, keep: float = KEEP,
                      fresh_share: float = FRESH_SHARE, max_rounds: int = MAX_ROUNDS) -> IncrementalPlan:
     """Improve ``old_phy2log`` for ``weight`` with few moves (see the module docstring).
 
@@ -591,9 +593,9 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
         num_replicas, num_groups, num_nodes, num_gpus: as for ``rebalance_experts``.
         old_phy2log: [layers, num_replicas] integer placement in force; must hold every expert.
         move_budget: at most this many slots (over all layers) receive an expert from
-            another rank; None: the least movement within ``tolerance`` of a full re-plan.
-        tolerance: share of the full re-plan's summed predicted balancedness the plan may
-            give up when ``move_budget`` is None.
+            another rank; None: the least movement that keeps ``keep`` of a full re-plan's gain.
+        keep: when ``move_budget`` is None, the share of the full re-plan's gain (its summed
+            predicted balancedness minus the placement in force's) the plan must keep.
         fresh_share: when ``move_budget`` is None, a layer whose repair costs at least this
             share of the full re-plan's moves takes the full re-plan if that balances it at
             least as well (> 1: never).
@@ -614,55 +616,49 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
 
     replan = plan_checked(as_float32(weight), num_replicas, num_groups, num_nodes, num_gpus)[0]
     replan_bal = _predicted(w, replan, num_gpus)
-    keep = rank_overlap(replan, old, num_gpus, num_logical, held=lay.held)
-    relabelled = _Relabelled(replan, keep, num_gpus, num_nodes, hierarchical)
+    overlap = rank_overlap(replan, old, num_gpus, num_logical, held=lay.held)
+    relabelled = _Relabelled(replan, overlap, num_gpus, num_nodes, hierarchical)
 
     target = lay.mean / np.maximum(replan_bal, 1e-300)  # the re-plan's peak rank load
     opts = _Options([np.zeros(num_layers, dtype=np.int64)], [before], [])
     if hierarchical:
         _regroup(lay, opts, relabelled, num_groups, num_nodes)
-    for _ in range(MAX_SPLITS):
-        rows, slots, experts = lay.split(target)
-        if rows.size == 0:
-            break
-        opts.add(rows, slots, experts, lay.spent(), lay.balancedness())
-    among = np.arange(num_layers)
-    for _ in range(MAX_RETARGETS):
-        rows, slots, experts, dcost = lay.retarget(target, among)
-        if rows.size == 0:
-            break
-        among = rows
-        cost = opts.cost[-1].copy()
-        cost[rows] += dcost
-        opts.add(rows, slots, experts, cost, lay.balancedness())
-    active = np.ones(num_layers, dtype=bool)
-    for _ in range(max_rounds):
-        active &= lay.R.max(axis=1) > target * (1 + _TIE)
-        if not active.any() or lay.Gz < 2:
-            break
-        active &= lay.swap_round(target, active, opts)
+    _repair(lay, opts, target, max_rounds)
+    # Second path: first take the re-plan's replica counts (per node, its nodes relabelled to keep the
+    # most), changing only the slots whose expert is no longer wanted there, then repair the same way.
+    zones = num_nodes if hierarchical else 1
+    proj = _project(w, old, _node_relabelled(replan, old, lay.held, num_nodes) if hierarchical else replan,
+                    num_gpus, zones)
+    sub = np.flatnonzero((proj != old).any(axis=1))
+    cost2, bal2, changes2 = _projected_repair(w, old, proj, sub, num_gpus, zones, target, max_rounds, num_layers)
 
-    cost, bal = np.stack(opts.cost), np.stack(opts.bal)
-    replan_cost = _replan_cost(keep, num_replicas, cost, bal, replan_bal,
+    cost = np.concatenate([np.stack(opts.cost), cost2])
+    bal = np.concatenate([np.stack(opts.bal), bal2])
+    replan_cost = _replan_cost(overlap, num_replicas, cost, bal, replan_bal,
                                fresh_share if move_budget is None else None, num_nodes, hierarchical)
+    n1 = len(opts.cost)  # options [0, n1) start from the placement in force, [n1, n_opts) from the projection
     cost = np.concatenate([cost, replan_cost[None]])
     bal = np.concatenate([bal, replan_bal[None]])
     n_opts = cost.shape[0] - 1  # index of the re-plan option
-    pick = _pick(cost, bal, None if move_budget is None else int(move_budget),
-                 float(replan_bal.sum()) * (1.0 - tolerance))
+    goal = before.sum() + keep * max(float(replan_bal.sum() - before.sum()), 0.0)
+    pick = _pick(cost, bal, None if move_budget is None else int(move_budget), float(goal))
     if move_budget is None:
         spend, got = cost[pick, np.arange(num_layers)], bal[pick, np.arange(num_layers)]
         pick = np.where((spend > 0) & (spend >= fresh_share * replan_cost) & (replan_bal >= got), n_opts, pick)
 
     new = old.copy()
     for rows, slots, experts, option in opts.changes:
-        take = (option <= pick[rows]) & (pick[rows] < n_opts)
+        take = (option <= pick[rows]) & (pick[rows] < n1)
+        new[rows[take], slots[take]] = experts[take]
+    for rows, slots, experts, option in changes2:
+        take = (n1 + option <= pick[rows]) & (pick[rows] >= n1) & (pick[rows] < n_opts)
         new[rows[take], slots[take]] = experts[take]
     re_layers = np.flatnonzero(pick == n_opts)
     if re_layers.size:
         new[re_layers] = preserve_local_slots(relabelled(re_layers), old[re_layers], num_gpus).numpy()
     moved = moved_slots(old, new, num_gpus).numpy()
-    choice = ["replan" if p == n_opts else ("moves" if m or not np.array_equal(new[i], old[i]) else "kept")
+    choice = ["replan" if p == n_opts else "project" if p >= n1 else
+              ("moves" if m or not np.array_equal(new[i], old[i]) else "kept")
               for i, (p, m) in enumerate(zip(pick.tolist(), moved.tolist()))]
     return IncrementalPlan(torch.from_numpy(new), choice, moved, before, _predicted(w, new, num_gpus), replan_bal)
 
@@ -699,6 +695,67 @@ def _regroup(lay: _Layout, opts: _Options, relabelled: _Relabelled, num_groups: 
     lay.refresh()
     rows, slots = np.nonzero(lay.phy != lay.old)
     opts.add(rows, slots, lay.phy[rows, slots], lay.spent(), lay.balancedness())
+
+
+def _repair(lay: _Layout, opts: _Options, target: np.ndarray, max_rounds: int) -> None:
+    """Steps 1-3 of the module docstring on ``lay``, each recorded as options in ``opts``."""
+    for _ in range(MAX_SPLITS):
+        rows, slots, experts = lay.split(target)
+        if rows.size == 0:
+            break
+        opts.add(rows, slots, experts, lay.spent(), lay.balancedness())
+    among = np.arange(lay.L)
+    for _ in range(MAX_RETARGETS):
+        rows, slots, experts, dcost = lay.retarget(target, among)
+        if rows.size == 0:
+            break
+        among = rows
+        cost = opts.cost[-1].copy()
+        cost[rows] += dcost
+        opts.add(rows, slots, experts, cost, lay.balancedness())
+    active = np.ones(lay.L, dtype=bool)
+    for _ in range(max_rounds):
+        active &= lay.R.max(axis=1) > target * (1 + _TIE)
+        if not active.any() or lay.Gz < 2:
+            break
+        active &= lay.swap_round(target, active, opts)
+
+
+def _projected_repair(w: np.ndarray, old: np.ndarray, proj: np.ndarray, sub: np.ndarray, num_gpus: int, zones: int,
+                      target: np.ndarray, max_rounds: int, num_layers: int
+                      ) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, ...]]]:
+    """The options of the layers ``sub`` when they start from ``proj`` (moves counted from ``old``).
+
+    Returns:
+        cost, bal: [options, layers]; a layer outside ``sub`` has balancedness -inf (never picked).
+        changes: (layer, slot, expert, option) writes, layers numbered as in ``w``; option 0 is ``proj``.
+    """
+    if sub.size == 0:
+        return np.zeros((0, num_layers), dtype=np.int64), np.zeros((0, num_layers)), []
+    lay = _Layout(w[sub], old[sub], num_gpus, zones)
+    lay.phy = proj[sub].copy()
+    lay.holds = _copies(lay.phy, lay.G, lay.E)
+    lay.refresh()
+    rows, slots = np.nonzero(lay.phy != lay.old)
+    opts = _Options([lay.spent()], [lay.balancedness()], [(rows, slots, lay.phy[rows, slots], np.zeros_like(rows))])
+    _repair(lay, opts, target[sub], max_rounds)
+    cost = np.zeros((len(opts.cost), num_layers), dtype=np.int64)
+    bal = np.full((len(opts.cost), num_layers), -np.inf)
+    cost[:, sub], bal[:, sub] = np.stack(opts.cost), np.stack(opts.bal)
+    return cost, bal, [(sub[r], s, e, o) for r, s, e, o in opts.changes]
+
+
+def _node_relabelled(replan: np.ndarray, old: np.ndarray, held: np.ndarray, num_nodes: int) -> np.ndarray:
+    """``replan`` with whole node blocks moved to the old nodes that already hold most of their slots' experts
+    (an exact assignment per layer; ``held``: [layers, experts, ranks] of ``old``)."""
+    layers, num_physical = replan.shape
+    node_held = held.reshape(layers, held.shape[1], num_nodes, -1).any(axis=3)  # [layers, experts, nodes]
+    per_slot = node_held[np.arange(layers)[:, None], replan]  # [layers, slots, old nodes]
+    value = per_slot.reshape(layers, num_nodes, num_physical // num_nodes, num_nodes).sum(axis=2, dtype=np.int64)
+    node_of = assignment_batch(-value)  # new node a -> old node
+    order = np.empty((layers, num_nodes), dtype=np.int64)
+    order[np.arange(layers)[:, None], node_of] = np.arange(num_nodes)[None, :]
+    return apply_rank_order(replan, order, num_nodes)
 
 
 def _holds_every_expert(old: np.ndarray, num_logical: int) -> bool:
