@@ -226,6 +226,9 @@ class PlacementAgent:
         use_async: stage on the background thread (default) or block inside one step boundary.
         staging_budget_bytes: memory for staging layers (at least one layer is always allocated);
             None: two layers.
+        staging_buffers: layer buffers the engine already owns (each shaped like
+            ``expert_weights[0]``), used first: the budget counts them, so only the rest is allocated.
+            vLLM's adapter hands over vLLM's own EPLB buffer, which vLLM counted before sizing its KV cache.
         chaos: fault injection for tests.
         collective_timeout_s: bound on the agent's collectives (the in-band commit all-reduce, one
             transfer batch): a dead peer makes them fail within it instead of hanging the rank.
@@ -243,7 +246,8 @@ class PlacementAgent:
                  use_async: bool = True, staging_budget_bytes: int | None = None, node: int = 0,
                  num_nodes: int = 1, heartbeat_s: float = 1.0, timeout: float = 5.0,
                  report_batch_steps: int = 8, chaos: Chaos | None = None, curve: CurveKeys | None = None,
-                 collective_timeout_s: float = 60.0, report_max_pending_steps: int = 1024) -> None:
+                 collective_timeout_s: float = 60.0, report_max_pending_steps: int = 1024,
+                 staging_buffers: Sequence[Sequence[torch.Tensor]] = ()) -> None:
         if commit_interval_steps <= 0:
             raise InvalidArgumentError(f"commit_interval_steps must be positive, got {commit_interval_steps}")
         if use_async and communicator == "torch_nccl":
@@ -274,7 +278,9 @@ class PlacementAgent:
         layer_bytes = sum(t.nbytes for t in live[0])
         nbuf = 2 if staging_budget_bytes is None else max(1, staging_budget_bytes // max(layer_bytes, 1))
         nbuf = min(nbuf, L)
-        self.staging = [[torch.empty_like(t) for t in live[0]] for _ in range(nbuf)]
+        owned = [list(b) for b in staging_buffers if _same_layout(b, live[0])][:nbuf]
+        self.staging = owned + [[torch.empty_like(t) for t in live[0]] for _ in range(nbuf - len(owned))]
+        self.staging_allocated_bytes = (nbuf - len(owned)) * layer_bytes
         self._free = list(range(nbuf))
         self._streams = StagingStream(device)
         group_timeout = datetime.timedelta(seconds=collective_timeout_s)
@@ -718,6 +724,12 @@ class PlacementAgent:
 
 def _peer(batch: Sequence[Any], rank: int) -> int:
     """The one peer ``rank`` exchanges with in a conflict-free batch (-1 if that is not one rank)."""
+def _same_layout(buffer: Sequence[torch.Tensor], layer: Sequence[torch.Tensor]) -> bool:
+    """Whether ``buffer`` can stage ``layer``: the same tensors' shapes, dtypes and device, in order."""
+    return len(buffer) == len(layer) and all(
+        (b.shape, b.dtype, b.device) == (t.shape, t.dtype, t.device) for b, t in zip(buffer, layer))
+
+
     peers = {t.src_rank if t.dst_rank == rank else t.dst_rank for t in batch}
     return peers.pop() if len(peers) == 1 else -1
 
