@@ -629,11 +629,14 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
     zones = num_nodes if hierarchical else 1
     proj = _project(w, old, _node_relabelled(replan, old, lay.held, num_nodes) if hierarchical else replan,
                     num_gpus, zones)
-    sub = np.flatnonzero((proj != old).any(axis=1))
+    # Only where it can pay: the repair from the placement in force does not reach the re-plan's
+    # balancedness for fewer moves than the projection alone costs.
+    c1, b1 = np.stack(opts.cost), np.stack(opts.bal)
+    reach = np.where(b1 >= replan_bal * (1 - _TIE), c1, np.iinfo(np.int64).max).min(axis=0)
+    sub = np.flatnonzero(reach > moved_slots(old, proj, num_gpus).numpy())
     cost2, bal2, changes2 = _projected_repair(w, old, proj, sub, num_gpus, zones, target, max_rounds, num_layers)
 
-    cost = np.concatenate([np.stack(opts.cost), cost2])
-    bal = np.concatenate([np.stack(opts.bal), bal2])
+    cost, bal = np.concatenate([c1, cost2]), np.concatenate([b1, bal2])
     replan_cost = _replan_cost(overlap, num_replicas, cost, bal, replan_bal,
                                fresh_share if move_budget is None else None, num_nodes, hierarchical)
     n1 = len(opts.cost)  # options [0, n1) start from the placement in force, [n1, n_opts) from the projection
