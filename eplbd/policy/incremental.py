@@ -27,13 +27,21 @@ The target is the predicted balancedness of the ``default`` policy's full re-pla
 the same load (balancedness of a layer = mean rank load / max rank load). Every
 regroup, split, retarget and swap is an *option*: a layer can stop after any of
 them (swaps ranked by the heavy rank's load, so each prefix lowers the layer's peak).
-A layer's last option is the full re-plan itself, its ranks relabelled to keep what
-they hold. The budget picks one option per layer, buying the most balancedness per
+A second family of options starts instead from the *projection* of the placement in
+force onto the full re-plan's replica counts per node (its nodes relabelled to keep
+the most; one zone when global): every slot keeps its expert while its node still
+wants a copy, the freed slots take the missing replicas heaviest first, and steps 1-3
+then repair that (computed only for layers whose repair from the placement in force
+does not reach the re-plan's balancedness for fewer moves than the projection costs;
+after a large shift in the hierarchical case, whole groups must change nodes, which
+only the projection and the re-plan do). A layer's last option is the full re-plan
+itself, its ranks relabelled to keep what they hold. The budget picks one option per layer, buying the most balancedness per
 moved slot first (a Lagrangian price per slot, bisected):
 
-- ``move_budget=None`` (the default): the least movement whose predicted
-  balancedness, summed over layers, is within ``tolerance`` (0.9%) of the full
-  re-plan's; a layer already balanced moves nothing. A layer whose repair would
+- ``move_budget=None`` (the default): the least movement that keeps ``keep`` (99%)
+  of the full re-plan's gain: predicted balancedness summed over layers at least
+  ``before + keep * (re-plan - before)``, so the trade-off holds whether a re-plan
+  gains 0.02 or 0.3; a layer already balanced moves nothing. A layer whose repair would
   cost at least ``fresh_share`` (half) of the full re-plan's moves takes the
   full re-plan instead, unless the repair balances it better: the placement in
   force is then far from anything the load wants (typically the engine's initial
