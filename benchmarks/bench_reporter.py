@@ -161,13 +161,13 @@ def bench_copy(layers: int, physical: int, calls: int, interval_s: float) -> dic
 
 
 def run_reporter(endpoint: str, worker_id: str, layers: int, physical: int, calls: int,
-                 interval_s: float) -> dict:
+                 interval_s: float, session: str = "") -> dict:
     from eplbd.client.reporter import LoadReporter
 
     loads = make_loads(layers, physical)
     rep = LoadReporter(endpoint, 0, num_layers=layers, num_physical=physical)
     try:
-        rep.set_identity(worker_id)
+        rep.set_identity(worker_id, session)
         for i in range(200):  # warm-up: the first slots are touched, the sender thread is running
             rep.record(i, loads[i & 3])
             pace(interval_s)
@@ -204,7 +204,7 @@ def bench_condition(cond: str, shape: tuple[int, int, int], calls: int, interval
             try:
                 link.register(ep_size=1, num_layers=layers, num_logical=logical, num_physical=physical, epoch=0,
                               phy2log=initial_placement(layers, logical, physical, 1))
-                out = run_reporter(d.ingest, link.worker_id, layers, physical, calls, interval_s)
+                out = run_reporter(d.ingest, link.worker_id, layers, physical, calls, interval_s, link.session)
                 with EplbClient(d.rpc, timeout=10) as c:
                     end = time.monotonic() + 10
                     while True:  # let the daemon catch up before reading its counters

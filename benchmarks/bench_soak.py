@@ -263,16 +263,16 @@ class ReportPush:
     Args:
         ctx: the process's ZeroMQ context.
         ingest: the daemon's ingest endpoint.
-        rank: the rank; ``worker_id``: the id it registered with.
+        rank: the rank; ``worker_id`` and ``session``: what it registered with and was given.
         hwm: reports queued before a send is a counted local drop.
     """
 
-    def __init__(self, ctx, ingest: str, rank: int, worker_id: str, hwm: int) -> None:
+    def __init__(self, ctx, ingest: str, rank: int, worker_id: str, session: str, hwm: int) -> None:
         import zmq
 
         from eplbd.proto import Encoder, make_socket
 
-        self.rank, self.worker_id = rank, worker_id
+        self.rank, self.worker_id, self.session = rank, worker_id, session
         self._sock = make_socket(ctx, zmq.PUSH, connect=ingest, hwm=hwm, linger_ms=0)
         self._sock.poll(5000, zmq.POLLOUT)  # connected, so the first reports are not dropped locally
         self._enc, self._seq = Encoder(), 0
@@ -285,7 +285,7 @@ class ReportPush:
         from eplbd.proto import LoadReport
 
         msg = LoadReport(rank=self.rank, worker_id=self.worker_id, epoch=epoch, first_step=first_step,
-                         seq=self._seq, load=load, layers_applied=layers_applied)
+                         seq=self._seq, load=load, layers_applied=layers_applied, session=self.session)
         self._seq += 1
         try:
             self._sock.send_multipart(self._enc.encode(msg), copy=False, flags=zmq.NOBLOCK)
@@ -326,7 +326,7 @@ def ranks_main(ranks: list[int], cfg: dict, rpc: str, ingest: str, q, go, stop, 
             reg = link.register(ep_size=cfg["ranks"], num_layers=LAYERS, num_logical=LOGICAL,
                                 num_physical=cfg["physical"], epoch=0, phy2log=phy2log, expert_bytes=44 << 20)
             sims[r] = SimRank(link, phy2log, cfg["stage_chunk"], reg.heartbeat_interval_s or 2.5)
-            pushes[r] = ReportPush(ctx, ingest, r, link.worker_id, cfg["hwm"])
+            pushes[r] = ReportPush(ctx, ingest, r, link.worker_id, link.session, cfg["hwm"])
         q.put(("ready", {"pid": os.getpid(), "load_source": loads.source}))
         go.wait()
         step, proto_stop = [0], threading.Event()

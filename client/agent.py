@@ -544,7 +544,7 @@ class PlacementAgent:
         self._registered = True
         # Whatever was queued for the daemon before belongs to plans it no longer knows.
         self._outbox.clear()
-        self.reporter.set_identity(self.link.worker_id)
+        self.reporter.set_identity(self.link.worker_id, self.link.session)
         if reg.commit_interval_steps and reg.commit_interval_steps != self.commit_interval:
             log.warning("rank %d: daemon's commit_interval_steps %d differs from this group's %d; using %d",
                         self.rank, reg.commit_interval_steps, self.commit_interval, self.commit_interval)
@@ -718,18 +718,20 @@ class PlacementAgent:
         if self._thread.is_alive():
             self._thread.join(10)
         self.reporter.close()
+        if self._registered:
+            self.link.release()  # a restarted rank may then register at once
         self.link.close()
         self.comm.close()
 
 
-def _peer(batch: Sequence[Any], rank: int) -> int:
-    """The one peer ``rank`` exchanges with in a conflict-free batch (-1 if that is not one rank)."""
 def _same_layout(buffer: Sequence[torch.Tensor], layer: Sequence[torch.Tensor]) -> bool:
     """Whether ``buffer`` can stage ``layer``: the same tensors' shapes, dtypes and device, in order."""
     return len(buffer) == len(layer) and all(
         (b.shape, b.dtype, b.device) == (t.shape, t.dtype, t.device) for b, t in zip(buffer, layer))
 
 
+def _peer(batch: Sequence[Any], rank: int) -> int:
+    """The one peer ``rank`` exchanges with in a conflict-free batch (-1 if that is not one rank)."""
     peers = {t.src_rank if t.dst_rank == rank else t.dst_rank for t in batch}
     return peers.pop() if len(peers) == 1 else -1
 

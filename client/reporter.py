@@ -207,6 +207,7 @@ class LoadReporter:
         self._cond = threading.Condition(self._lock)
         self._sender_waiting = False
         self._worker_id: str | None = None
+        self._session = ""
         self._seq = 0
         self._unreported = 0  # steps dropped since the last report that got out
         self._flush_upto = 0  # pending steps below this index go out even as a partial batch
@@ -227,8 +228,9 @@ class LoadReporter:
         self._thread.start()
 
     # -- caller's thread -------------------------------------------------------------------
-    def set_identity(self, worker_id: str) -> None:
-        """Report as ``worker_id`` (the id the agent registered with); restarts ``seq`` at 0.
+    def set_identity(self, worker_id: str, session: str = "") -> None:
+        """Report as ``worker_id`` (the id the agent registered with) carrying ``session`` (the secret
+        its registration was given: the daemon drops reports without it); restarts ``seq`` at 0.
 
         Until the first call nothing is sent (the daemon would refuse reports
         from an unregistered worker); steps are kept meanwhile, oldest dropped
@@ -238,6 +240,7 @@ class LoadReporter:
             raise InvalidArgumentError(f"LoadReporter worker_id must be a non-empty str, got {worker_id!r}")
         with self._cond:
             self._worker_id = worker_id
+            self._session = session
             self._seq = 0
             self._cond.notify()
 
@@ -520,12 +523,12 @@ class LoadReporter:
                 return
             seq = self._seq
             self._seq += 1
-            worker_id = self._worker_id
+            worker_id, session = self._worker_id, self._session
             dropped = self._unreported
         ok = False
         try:
             msg = LoadReport(rank=self.rank, worker_id=worker_id, epoch=tag[0], layers_applied=tag[1],
-                             first_step=first_step, seq=seq, load=load, dropped_steps=dropped)
+                             first_step=first_step, seq=seq, load=load, dropped_steps=dropped, session=session)
             frames = self._enc.encode(msg)
             if self._wait_writable():
                 self._sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)

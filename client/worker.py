@@ -19,10 +19,10 @@ from typing import Any
 import torch
 import zmq
 
-from eplbd.errors import UnavailableError
+from eplbd.errors import EplbdError, UnavailableError
 from eplbd.client.rpc import sync_round_trip
 from eplbd.proto import (PUSH_TYPES, Abort, Ack, Decoder, Encoder, ErrorReply, Heartbeat, LayerReady,
-                         LoadReport, Registered, RegisterWorker, make_socket)
+                         LoadReport, Registered, RegisterWorker, Release, make_socket)
 from eplbd.proto.sockets import CurveKeys
 
 
@@ -43,6 +43,8 @@ class WorkerLink:
         self.rpc, self.ingest = rpc, ingest
         self.timeout = timeout
         self.worker_id = f"rank{rank}-{uuid.uuid4().hex[:8]}"
+        # The secret the daemon gave this link's registration; every message of the rank carries it.
+        self.session = ""
         ctx = ctx or zmq.Context.instance()
         self._enc, self._dec = Encoder(), Decoder()
         self._ids = itertools.count(1)
@@ -82,7 +84,8 @@ class WorkerLink:
             num_local_physical_experts=num_physical // ep_size, epoch=epoch, phy2log=phy2log,
             node=node, num_nodes=num_nodes, num_groups=num_groups, expert_bytes=expert_bytes,
             communicator=communicator, step=step, hostname=socket.gethostname(), pid=os.getpid(),
-            last_plan_id=last_plan_id))
+            last_plan_id=last_plan_id, session=self.session))
+        self.session = reply.session
         # Pushes that came in before the reply are from before this registration (a previous daemon
         # or incarnation): the daemon pushes to this worker only after registering it.
         self.pushed.clear()
@@ -96,19 +99,36 @@ class WorkerLink:
         return bool(self._push.poll(int(timeout * 1000), zmq.POLLOUT))
 
     def heartbeat(self, step: int, epoch: int = -1) -> None:
-        self.request(Heartbeat(rank=self.rank, worker_id=self.worker_id, step=step, epoch=epoch))
+        self.request(Heartbeat(rank=self.rank, worker_id=self.worker_id, step=step, epoch=epoch,
+                               session=self.session))
 
     def layer_ready(self, plan_id: int, epoch: int, layers: list[int]) -> None:
         self.request(LayerReady(rank=self.rank, plan_id=plan_id, epoch=epoch, layers=layers,
-                                worker_id=self.worker_id))
+                                worker_id=self.worker_id, session=self.session))
 
     def ack(self, plan_id: int, epoch: int, layers: list[int], step: int) -> None:
         self.request(Ack(rank=self.rank, plan_id=plan_id, epoch=epoch, layers=layers, step=step,
-                         worker_id=self.worker_id))
+                         worker_id=self.worker_id, session=self.session))
 
     def abort(self, plan_id: int, epoch: int, reason: str, *, peer: int = -1) -> None:
         """Give up on a plan; ``peer``: the rank a failed transfer was with, if known."""
-        self.request(Abort(plan_id=plan_id, epoch=epoch, reason=reason, rank=self.rank, peer=peer))
+        self.request(Abort(plan_id=plan_id, epoch=epoch, reason=reason, rank=self.rank, peer=peer,
+                           worker_id=self.worker_id, session=self.session))
+
+    def release(self, timeout: float = 1.0) -> bool:
+        """End this link's session, so that a restarted rank may register at once (best effort:
+        False when the daemon did not confirm within ``timeout`` seconds)."""
+        if not self.session:
+            return False
+        saved, self.timeout = self.timeout, min(self.timeout, timeout)
+        try:
+            self.request(Release(rank=self.rank, worker_id=self.worker_id, session=self.session))
+            return True
+        except EplbdError:
+            return False
+        finally:
+            self.timeout = saved
+            self.session = ""
 
     # -- pushes from the daemon -------------------------------------------------------------
     def poll_pushed(self, timeout: float = 0.0) -> Any | None:
@@ -128,7 +148,7 @@ class WorkerLink:
         the queue to the daemon is full or no daemon is connected."""
         msg = LoadReport(rank=self.rank, worker_id=self.worker_id, epoch=epoch, first_step=first_step,
                          seq=next(self._seq), load=load, dropped_steps=dropped_steps,
-                         layers_applied=layers_applied)
+                         layers_applied=layers_applied, session=self.session)
         try:
             self._push.send_multipart(self._enc.encode(msg), copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:

@@ -14,6 +14,12 @@ the daemon's event loop (``ZapAuthenticator``, pyzmq's asyncio authenticator):
 
 A key in neither directory gets no connection at all: no request is answered,
 no report counted. Keys are read once, at start; restart to change them.
+
+Which rank a worker key speaks for: a registration binds rank r to the connection
+and the key (``User-Id``) that registered it, and every later message naming r,
+load reports included, must come from that key (``eplbd.state``). With
+``curve_worker_ranks`` (key name -> ranks), a key may register only its own
+ranks, so a stolen node key cannot speak for another node's ranks.
 """
 
 from __future__ import annotations
@@ -70,11 +76,13 @@ class Peer:
 
 @dataclass(frozen=True)
 class CurveSetup:
-    """The daemon's key pair and the admitted public keys (Z85 bytes -> ``Peer``)."""
+    """The daemon's key pair, the admitted public keys (Z85 bytes -> ``Peer``) and, with
+    ``curve_worker_ranks``, the ranks each worker key (by name) may register (None: any)."""
 
     public_key: bytes
     secret_key: bytes
     peers: dict[bytes, Peer]
+    rank_binding: dict[str, frozenset[int]] | None = None
 
     def server_keys(self, zap_domain: str) -> CurveServerKeys:
         return CurveServerKeys(self.public_key, self.secret_key, zap_domain)
@@ -122,7 +130,36 @@ def load_curve(settings: Any) -> CurveSetup | None:
         raise ConfigError(f"key {workers[key].name!r} is both a worker key (curve_worker_keys_dir="
                           f"{settings.curve_worker_keys_dir!r}) and an operator key ({operators[key].name!r} in "
                           f"curve_operator_keys_dir={settings.curve_operator_keys_dir!r}); give each role its own key")
-    return CurveSetup(public, secret, {**workers, **operators})
+    return CurveSetup(public, secret, {**workers, **operators}, _rank_binding(settings, workers))
+
+
+def _rank_binding(settings: Any, workers: dict[bytes, Peer]) -> dict[str, frozenset[int]] | None:
+    """``curve_worker_ranks`` as key name -> ranks; every name must be a worker key's.
+
+    Raises:
+        ConfigError: a name that no ``*.key`` in ``curve_worker_keys_dir`` has, or one rank bound to two keys.
+    """
+    mapping = getattr(settings, "curve_worker_ranks", None)
+    if mapping is None:
+        return None
+    from eplbd.settings import parse_ranks
+
+    names = {p.name for p in workers.values()}
+    binding: dict[str, frozenset[int]] = {}
+    owner: dict[int, str] = {}
+    for name, spec in mapping.items():
+        if name not in names:
+            raise ConfigError(f"curve_worker_ranks names key {name!r}, but curve_worker_keys_dir="
+                              f"{settings.curve_worker_keys_dir!r} has no {name}.key")
+        binding[name] = parse_ranks(spec)
+        for r in binding[name]:
+            if owner.setdefault(r, name) != name:
+                raise ConfigError(f"curve_worker_ranks binds rank {r} to both {owner[r]!r} and {name!r}; "
+                                  "each rank is one key's")
+    unbound = sorted(names - binding.keys())
+    if unbound:
+        log.warning("curve_worker_ranks does not name worker key(s) %s: they may register no rank", unbound)
+    return binding
 
 
 class _DomainPolicy:

@@ -8,9 +8,10 @@ validation error names the field and the bad value.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from eplbd.errors import ConfigError
 
@@ -18,6 +19,18 @@ Communicator = Literal["auto", "torch_gloo", "torch_nccl", "pynccl", "nixl"]
 # NCCL-based communicators cannot run their collectives from a background
 # thread alongside the engine's own NCCL stream safely; vLLM rejects the same.
 _SYNC_ONLY_COMMUNICATORS = ("torch_nccl", "pynccl")
+
+# Bounds of durations and rates beyond ``gt=0``: ``inf`` would never fire (or, as a bandwidth, make
+# every move free) and ``1e-300`` would fire at once (or price one byte at years); both are typos.
+MIN_TIMEOUT_S, MAX_TIMEOUT_S = 0.01, 7 * 24 * 3600.0
+MIN_GB_PER_S, MAX_GB_PER_S = 1e-9, 1e6
+
+
+def finite_within(value: float, lo: float, hi: float, unit: str) -> float:
+    """``value`` if finite and within ``[lo, hi]``; else ``ValueError`` (pydantic names the field)."""
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise ValueError(f"must be a finite number of {unit} in [{lo:g}, {hi:g}]")
+    return value
 
 
 class EplbConfig(BaseModel):
@@ -55,6 +68,16 @@ class EplbConfig(BaseModel):
     plan_stall_timeout_s: float = Field(
         default=30.0, gt=0, description="Watchdog: abort a plan in flight that got no new LayerReady or Ack "
                                         "for this long (a plan older than plan_timeout_s is aborted anyway).")
+
+    @field_validator("plan_timeout_s", "plan_stall_timeout_s")
+    @classmethod
+    def _timeout(cls, value: float) -> float:
+        return finite_within(value, MIN_TIMEOUT_S, MAX_TIMEOUT_S, "seconds")
+
+    @field_validator("transfer_gb_per_s")
+    @classmethod
+    def _bandwidth(cls, value: float) -> float:
+        return finite_within(value, MIN_GB_PER_S, MAX_GB_PER_S, "GB/s")
 
     @model_validator(mode="after")
     def _check(self) -> "EplbConfig":

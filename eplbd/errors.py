@@ -102,6 +102,13 @@ class TraceError(InvalidArgumentError):
     code, name = 204, "trace_error"
 
 
+class LimitExceededError(InvalidArgumentError):
+    """A shape, size or memory need beyond a bound the daemon is configured with (``max_ep_size``,
+    ``max_layers``, ``max_experts``, ``window_memory_bytes``); the message names the bound."""
+
+    code, name = 205, "limit_exceeded"
+
+
 # --- workers and plans (3xx) -------------------------------------------------
 class NotRegisteredError(EplbdError):
     """A message from a rank the daemon does not know."""

@@ -30,6 +30,10 @@ class DaemonMetrics:
                                  "an abort that keeps already permitted layers counts too.", ("reason",))
         self.reports = r.counter("eplbd_reports_received_total", "Load reports received.")
         self.dropped = r.counter("eplbd_reports_dropped_total", "Load reports dropped, by reason.", ("reason",))
+        self.refused = r.counter("eplbd_worker_messages_refused_total",
+                                 "Worker requests naming a rank that were refused, by message type and reason "
+                                 "(not_registered, bad_session, wrong_connection, wrong_key, rank_held, "
+                                 "key_not_bound, limit).", ("message", "reason"))
         self.phase = r.histogram("eplbd_plan_phase_seconds", "Seconds from push to each plan phase.",
                                  (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), ("phase",))
         self.last_commit = r.gauge("eplbd_last_commit_timestamp_seconds", "Unix time of the last committed plan.")
@@ -53,6 +57,8 @@ class DaemonMetrics:
         self._count("reports", st.counters.reports_received, self.reports)
         for reason, n in st.counters.drop_reasons.items():
             self._count(f"drop:{reason}", n, self.dropped.labels(reason=reason))
+        for (message, reason), n in st.counters.refused.items():
+            self._count(f"refused:{message}:{reason}", n, self.refused.labels(message=message, reason=reason))
         for outcome, n in st.counters.plans.items():
             self._count(f"plan:{outcome}", n, self.plans.labels(outcome=outcome))
         for cause, n in st.counters.aborts.items():

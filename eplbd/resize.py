@@ -28,11 +28,13 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 
 from eplbd.elastic import ElasticPlacement, RankMapping, elastic_placement, parse_mapping
-from eplbd.errors import NotFoundError, PlanConflictError, RegistrationMismatchError
+from eplbd.errors import LimitExceededError, NotFoundError, PlanConflictError, RegistrationMismatchError
 from eplbd.proto import RegisterWorker, ResizeInfo, ResizeReply
 
 log = logging.getLogger("eplbd.resize")
@@ -71,6 +73,18 @@ class ResizeRecord:
                            dry_run=dry_run, req_id=req_id)
 
 
+@dataclass
+class ResizeJob:
+    """A resize's planning, taken off the event loop: ``run`` is pure (``elastic_placement`` on copies);
+    ``ElasticOps.finish_resize`` applies its result on the loop if the group did not move meanwhile."""
+
+    run: Callable[[], ElasticPlacement]
+    request: tuple[tuple[int, ...], int]
+    rmap: RankMapping
+    base: torch.Tensor
+    epoch: int
+
+
 class ElasticOps:
     """The elastic-EP operations of ``DaemonState`` (see the module docstring)."""
 
@@ -86,18 +100,48 @@ class ElasticOps:
 
         Raises:
             NotReadyError: no group yet. InvalidArgumentError / PlacementError: a bad mapping or size
-            (naming it). PlanConflictError: a plan in flight has permitted layers the surviving ranks
-            have not all acked yet.
+            (naming it). LimitExceededError: the new group exceeds ``max_ep_size``, ``max_experts`` or
+            ``window_memory_bytes``. PlanConflictError: a plan in flight has permitted layers the
+            surviving ranks have not all acked yet.
         """
+        job = self.resize_job(mapping, ep_size, dry_run=dry_run, req_id=req_id)
+        if isinstance(job, ResizeReply):
+            return job, []
+        return self.finish_resize(job, job.run(), dry_run=dry_run, req_id=req_id)
+
+    def resize_job(self, mapping: list[int], ep_size: int, *, dry_run: bool,
+                   req_id: int = 0) -> "ResizeJob | ResizeReply":
+        """Check a resize and return its planning (for ``finish_resize``), or the reply to a repeat.
+        Every bound is checked here, before the planning allocates anything of the new size."""
         self._require_group()
         last = self._last_resize()
         if last is not None and not self._resize_complete(last) and last.request == (tuple(mapping), ep_size):
-            return last.reply(self._registered_since(last), dry_run=dry_run, req_id=req_id), []  # a repeat
+            return last.reply(self._registered_since(last), dry_run=dry_run, req_id=req_id)  # a repeat
+        bound = self.settings.max_ep_size
+        if max(ep_size, len(mapping)) > bound:
+            raise LimitExceededError(f"resize to ep_size={ep_size} with {len(mapping)} mapping entries exceeds "
+                                     f"max_ep_size={bound} (a daemon setting)")
         rmap = parse_mapping(mapping, self.topo.num_gpus, ep_size or None)
-        base, keep = self._drain_base(rmap)
-        plan = elastic_placement(base, rmap, self.topo.num_local, self.topo.num_logical,
-                                 self.window.logical_load())
-        rec = ResizeRecord((tuple(mapping), ep_size), plan, self.epoch + 1, self.epoch)
+        shape = {**self.group, "ep_size": rmap.new_ep_size,
+                 "num_physical_experts": rmap.new_ep_size * self.topo.num_local}
+        self.check_bounds(shape, f"resize {rmap.describe()}")
+        base, _ = self._drain_base(rmap)
+        run = partial(elastic_placement, base, rmap, self.topo.num_local, self.topo.num_logical,
+                      self.window.logical_load())
+        return ResizeJob(run, (tuple(mapping), ep_size), rmap, base, self.epoch)
+
+    def finish_resize(self, job: ResizeJob, plan: ElasticPlacement, *, dry_run: bool,
+                      req_id: int = 0) -> tuple[ResizeReply, list]:
+        """Apply a planned resize, unless the group moved while it was planned (``PlanConflictError``)."""
+        if not dry_run:
+            if self.epoch != job.epoch or self.topo.num_gpus != job.rmap.old_ep_size:
+                raise PlanConflictError(f"the group moved to epoch {self.epoch} while resize "
+                                        f"{job.rmap.describe()} was planned from epoch {job.epoch}; retry")
+            base, keep = self._drain_base(job.rmap)
+            if not torch.equal(base, job.base):
+                raise PlanConflictError(f"the plan in flight changed what the ranks run while resize "
+                                        f"{job.rmap.describe()} was planned; retry")
+        rec = ResizeRecord(job.request, plan, job.epoch + 1, job.epoch)
         if dry_run:
             return rec.reply([], dry_run=True, req_id=req_id), []
         out = self._drain(rec, keep)

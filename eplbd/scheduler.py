@@ -156,14 +156,19 @@ class Proposal:
         return float(self.after.mean() - self.before.mean()) if self.before.size else 0.0
 
 
+def check_layers(layers: Sequence[int], topo: Topology) -> list[int]:
+    """``layers`` sorted and unique; ``InvalidArgumentError`` naming those outside the model."""
+    bad = [l for l in layers if not 0 <= l < topo.num_layers]
+    if bad:
+        raise InvalidArgumentError(f"layers {bad} out of range 0..{topo.num_layers - 1}")
+    return sorted(set(int(l) for l in layers))
+
+
 def _select_layers(layers: Sequence[int] | None, before: np.ndarray, topo: Topology,
                    config: EplbConfig) -> tuple[list[int], str]:
     """The layers to re-plan: the operator's choice, else those below ``config.replan_below``."""
     if layers is not None:
-        bad = [l for l in layers if not 0 <= l < topo.num_layers]
-        if bad:
-            raise InvalidArgumentError(f"layers {bad} out of range 0..{topo.num_layers - 1}")
-        return sorted(set(int(l) for l in layers)), ""
+        return check_layers(layers, topo), ""
     if config.replan_below >= 1.0:
         return list(range(topo.num_layers)), ""
     sel = [l for l in range(topo.num_layers) if before[l] < config.replan_below]

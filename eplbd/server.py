@@ -3,7 +3,9 @@
 Sockets (DESIGN.md section 4): a PULL bound at ``settings.ingest`` for load
 reports, a ROUTER bound at ``settings.rpc`` for every request/reply and for the
 plans, commits and aborts pushed to ranks. Three tasks: the ingest loop, the
-RPC loop and the tick loop (scheduler, liveness, balancedness log). One
+RPC loop and the tick loop (scheduler, liveness, balancedness log). Heavy work
+(policy runs, resize planning, window dumps) runs in the loop's executor: the
+loops keep answering status, heartbeats and reports meanwhile. One
 shutdown path: ``request_stop()`` (SIGTERM/SIGINT call it too) -> the loops
 finish their current message -> sockets close -> ``run()`` returns.
 
@@ -20,7 +22,7 @@ import pathlib
 import signal
 import socket
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import zmq
@@ -36,11 +38,12 @@ from eplbd.proto import (PROTOCOL_VERSION, REQUEST_TYPES, Abort, Ack, Balancedne
                          DumpWindowReply, DumpWindowRequest, Encoder, ErrorReply, GetConfigRequest,
                          GetPlacementRequest, GetPlanRequest, Heartbeat, Hello, LayerReady, LoadPlacementRequest,
                          LoadReport, OkReply, PauseRequest, PlacementReply, RebalanceRequest, RegisterWorker,
-                         ResumeRequest, SetConfigRequest, StatusRequest, Welcome, bound_endpoint, check_version,
-                         expect, make_socket)
+                         Release, ResumeRequest, SetConfigRequest, StatusRequest, Welcome, bound_endpoint,
+                         check_version, expect, make_socket)
 from eplbd.proto import GetResizeRequest, ResizeRequest
 from eplbd.settings import DaemonSettings, apply_update
-from eplbd.state import DaemonState, Outgoing
+from eplbd.resize import ResizeJob
+from eplbd.state import DaemonState, Outgoing, Sender
 
 log = logging.getLogger("eplbd.server")
 
@@ -48,6 +51,15 @@ TICK_S = 0.05
 METRICS_REFRESH_S = 1.0
 MALFORMED_LOG_INTERVAL_S = 1.0
 INGEST_BATCH = 32  # reports drained per wake-up (~0.4 ms each at DSV3 scale): bounds the RPC wait under load
+
+
+class _Later:
+    """A request answered after work in the executor: ``work`` runs there, ``finish`` (on the loop)
+    turns its result into ``(reply, outgoing)``; an error of either is the reply to request ``req_id``."""
+
+    def __init__(self, work: Callable[[], Any], finish: Callable[[Any], tuple[Any, list[Outgoing]]],
+                 req_id: int) -> None:
+        self.work, self.finish, self.req_id = work, finish, req_id
 
 
 def sd_notify(state: str, env: Mapping[str, str] | None = None) -> bool:
@@ -127,6 +139,8 @@ class Daemon:
         self._malformed_log_at, self._malformed_unlogged = -MALFORMED_LOG_INTERVAL_S, 0
         self._last_logged_step = -1
         self._last_refresh = 0.0
+        self._pending: set[asyncio.Task] = set()  # requests waiting on executor work
+        self._planning: asyncio.Future | None = None  # the scheduler's policy run in the executor
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -183,6 +197,7 @@ class Daemon:
         except zmq.ZMQError as exc:  # another ZAP handler already runs in this context
             raise ConfigError(f"cannot start the CURVE authenticator: {exc}") from None
         self._auth = auth
+        self.state.rank_binding = self._curve.rank_binding
         log.info("CURVE on: %d worker key(s), %d operator key(s)",
                  *(sum(p.role == r for p in self._curve.peers.values()) for r in (WORKER, OPERATOR)))
 
@@ -215,9 +230,9 @@ class Daemon:
 
     async def close(self) -> None:
         self._stop.set()
-        for t in self._tasks:
+        for t in (*self._tasks, *self._pending):
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._pending, return_exceptions=True)
         self._tasks = []
         if self._metrics_server is not None:
             await self._metrics_server.stop()
@@ -260,6 +275,7 @@ class Daemon:
 
     def _ingest(self, frames: list) -> None:
         now = time.time()
+        user_id = self._user_id(frames[0]) if frames else None
         try:
             msg = self._dec.decode(frames)
             if not isinstance(msg, LoadReport):
@@ -274,7 +290,7 @@ class Daemon:
             self.state.counters.drop("unknown_rank")
             return
         try:
-            self.state.ingest(msg, now)
+            self.state.ingest(msg, now, user_id)
         except Exception:
             log.exception("internal error applying a report")
             self.state.counters.drop("internal_error")
@@ -295,11 +311,31 @@ class Daemon:
             if len(frames) < 2:
                 continue
             identity, body = frames[0].bytes, frames[1:]
-            reply, out = self._handle(identity, body, self._user_id(body[0]))
-            if reply is not None:
-                self._send(identity, reply)
-            self._route(out)
+            result = self._handle(identity, body, self._user_id(body[0]))
+            if isinstance(result, _Later):
+                task = asyncio.create_task(self._answer_later(identity, result))
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
+            else:
+                reply, out = result
+                if reply is not None:
+                    self._send(identity, reply)
+                self._route(out)
             await asyncio.sleep(0)  # same reason as in the ingest loop
+
+    async def _answer_later(self, identity: bytes, later: _Later) -> None:
+        """Run a request's heavy part in the executor, then answer it (the loops serve meanwhile)."""
+        req_id = later.req_id
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(None, later.work)
+            reply, out = later.finish(result)
+        except EplbdError as exc:
+            reply, out = ErrorReply.from_exc(exc, req_id=req_id), []
+        except Exception as exc:  # a bug must cost one request, not the daemon
+            log.exception("internal error handling a request")
+            reply, out = ErrorReply.from_exc(exc, req_id=req_id), []
+        self._send(identity, reply)
+        self._route(out)
 
     def _user_id(self, frame: zmq.Frame) -> str | None:
         """The ``User-Id`` ZAP gave the sender's connection (``role:name``); None with CURVE off."""
@@ -310,8 +346,10 @@ class Daemon:
         except zmq.ZMQError:  # cannot happen behind ZAP; refuse rather than trust
             return ""
 
-    def _handle(self, identity: bytes, body: list, user_id: str | None = None) -> tuple[Any, list[Outgoing]]:
-        """Decode, authorise (``user_id`` from ZAP; None: CURVE off, all allowed) and dispatch one request."""
+    def _handle(self, identity: bytes, body: list,
+                user_id: str | None = None) -> tuple[Any, list[Outgoing]] | _Later:
+        """Decode, authorise (``user_id`` from ZAP; None: CURVE off, all allowed) and dispatch one request;
+        a request with heavy work comes back as a ``_Later`` for the executor."""
         req_id = 0
         try:
             msg = self._dec.decode(body)
@@ -319,7 +357,7 @@ class Daemon:
             expect(msg, REQUEST_TYPES, "the RPC socket")
             if user_id is not None:
                 authorize(user_id, msg)
-            return self._dispatch(msg, identity, time.time())
+            return self._dispatch(msg, Sender(identity, user_id), time.time())
         except PermissionDeniedError as exc:
             log.warning("denied: %s", exc)
             return ErrorReply.from_exc(exc, req_id=req_id), []
@@ -329,7 +367,7 @@ class Daemon:
             log.exception("internal error handling a request")
             return ErrorReply.from_exc(exc, req_id=req_id), []
 
-    def _dispatch(self, msg: Any, identity: bytes, now: float) -> tuple[Any, list[Outgoing]]:
+    def _dispatch(self, msg: Any, sender: Sender, now: float) -> tuple[Any, list[Outgoing]] | _Later:
         st, rid = self.state, msg.req_id
         ok = OkReply(req_id=rid)
         match msg:
@@ -338,17 +376,20 @@ class Daemon:
                 return Welcome(protocol_version=PROTOCOL_VERSION, daemon_id=st.daemon_id, epoch=st.epoch,
                                req_id=rid), []
             case RegisterWorker():
-                reply, out = st.register(msg, identity, now)
+                reply, out = st.register(msg, sender, now)
                 return reply, out
             case Heartbeat():
-                st.heartbeat(msg.rank, msg.worker_id, msg.step, now)
+                st.heartbeat(msg, sender, now)
                 return ok, []
             case LayerReady():
-                return ok, st.layer_ready(msg, now)
+                return ok, st.layer_ready(msg, sender, now)
             case Ack():
-                return ok, st.ack(msg, now)
+                return ok, st.ack(msg, sender, now)
             case Abort():
-                return ok, st.worker_abort(msg, now)
+                return ok, st.worker_abort(msg, sender, now)
+            case Release():
+                st.release(msg, sender, now)
+                return ok, []
             case StatusRequest():
                 reply = st.status(now)
                 reply.req_id = rid
@@ -358,8 +399,10 @@ class Daemon:
                 reply.req_id = rid
                 return reply, []
             case RebalanceRequest():
-                return st.rebalance(dry_run=msg.dry_run, layers=msg.layers, policy=msg.policy, force=msg.force,
-                                    now=now, req_id=rid)
+                job = st.rebalance_job(dry_run=msg.dry_run, layers=msg.layers, policy=msg.policy, force=msg.force,
+                                       now=now)
+                return _Later(job.run, lambda prop: st.finish_plan(job, prop, now=time.time(), dry_run=msg.dry_run,
+                                                                   req_id=rid), rid)
             case PauseRequest():
                 st.paused, st._decided = True, True
                 st.last_decision_reason = f"paused by operator{': ' + msg.reason if msg.reason else ''}"
@@ -377,18 +420,24 @@ class Daemon:
                 return PlacementReply(epoch=e, phy2log=st.get_placement(msg.epoch), ep_size=st.topo.num_gpus,
                                       req_id=rid), []
             case DumpWindowRequest():
-                return DumpWindowReply(path=msg.path, steps=st.dump_window(msg.path), req_id=rid), []
+                path, write = st.dump_window_job(msg.path)
+                return _Later(write, lambda steps: (DumpWindowReply(path=path, steps=steps, req_id=rid), []), rid)
             case LoadPlacementRequest():
                 return st.load_placement(msg.path, dry_run=msg.dry_run, now=now, req_id=rid)
             case ResizeRequest():
-                return st.resize(msg.mapping, msg.ep_size, dry_run=msg.dry_run, now=now, req_id=rid)
+                job = st.resize_job(msg.mapping, msg.ep_size, dry_run=msg.dry_run, req_id=rid)
+                if not isinstance(job, ResizeJob):
+                    return job, []  # a repeat of the resize in progress
+                return _Later(job.run, lambda plan: st.finish_resize(job, plan, dry_run=msg.dry_run, req_id=rid),
+                              rid)
             case GetResizeRequest():
                 return st.get_resize(msg.epoch, req_id=rid), []
             case GetConfigRequest():
                 return ConfigReply(config=self.settings.model_dump(mode="json"), req_id=rid), []
             case SetConfigRequest():
-                self.settings = apply_update(self.settings, msg.key, msg.value)
-                st.set_settings(self.settings)
+                new = apply_update(self.settings, msg.key, msg.value)
+                st.set_settings(new)  # may refuse it (a window beyond window_memory_bytes)
+                self.settings = new
                 log.info("config %s set to %r by operator", msg.key, getattr(self.settings, msg.key))
                 return ConfigReply(config=self.settings.model_dump(mode="json"), req_id=rid), []
         raise ProtocolError(f"no handler for {type(msg).__name__}")
@@ -425,7 +474,11 @@ class Daemon:
     async def _tick_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self._route(self.state.tick(time.time()))
+                if self._planning is None:
+                    out, job = self.state.tick_decide(time.time())
+                    self._route(out)
+                    if job is not None:
+                        self._start_planning(job)
                 if self.chaos is not None:
                     for rank, msg in self.chaos.due(time.monotonic()):
                         self._send_rank(rank, msg)
@@ -436,6 +489,28 @@ class Daemon:
             except Exception:  # keep scheduling whatever one tick did
                 log.exception("scheduler tick failed")
             await asyncio.sleep(TICK_S)
+
+    def _start_planning(self, job: Any) -> None:
+        """The scheduler's policy run goes to the executor; its plan is pushed when it is done (the tick
+        loop decides nothing new meanwhile)."""
+        fut = asyncio.get_running_loop().run_in_executor(None, job.run)
+        self._planning = fut
+
+        def done(f: asyncio.Future) -> None:
+            self._planning = None
+            if f.cancelled():
+                return
+            try:
+                _, out = self.state.finish_plan(job, f.result(), now=time.time())
+            except EplbdError as exc:  # the group moved while the policy ran: the next tick decides again
+                log.info("scheduled re-plan dropped: %s", exc)
+                return
+            except Exception:
+                log.exception("scheduled re-plan failed")
+                return
+            self._route(out)
+
+        fut.add_done_callback(done)
 
     def _log_balancedness(self) -> None:
         st = self.state

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import logging
 import os
 import re
@@ -27,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from eplbd.config import EplbConfig
+from eplbd.config import MAX_TIMEOUT_S, MIN_TIMEOUT_S, EplbConfig, finite_within
 from eplbd.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ _NON_SETTING_ENV = frozenset({CONFIG_ENV, "EPLBD_CURVE_CLIENT_KEY", "EPLBD_CURVE
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 CURVE_FIELDS = ("curve_secret_key_file", "curve_worker_keys_dir", "curve_operator_keys_dir")
+MAX_CONFIG_FILE_BYTES = 1 << 20  # a settings file is a few KiB; --config /dev/zero must not read forever
+_RANKS_RE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 _TCP_RE = re.compile(r"^tcp://(?P<host>\*|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(?P<port>\*|[0-9]{1,5})$")
 
 
@@ -57,6 +60,34 @@ def _check_endpoint(value: str) -> str:
                 raise ValueError(f"an {scheme} endpoint needs a name after {scheme!r}")
             return value
     raise ValueError("an endpoint must be tcp://HOST:PORT, ipc://PATH or inproc://NAME")
+
+
+def parse_ranks(spec: str | int | list[int], max_rank: int = 1 << 20) -> frozenset[int]:
+    """Ranks named by ``spec``: ``"0-7,12"`` (ranges inclusive), an int, or a list of ints.
+
+    Raises:
+        ValueError: naming the part that is not a rank or a range ``LO-HI`` with ``LO <= HI < max_rank``.
+    """
+    if isinstance(spec, bool):
+        raise ValueError(f"{spec!r} is not a rank list")
+    if isinstance(spec, int):
+        parts: list[str] = [str(spec)]
+    elif isinstance(spec, list):
+        parts = [str(x) if isinstance(x, int) and not isinstance(x, bool) else "?" for x in spec]
+    elif isinstance(spec, str):
+        parts = spec.split(",")
+    else:
+        raise ValueError(f"{spec!r} is not a rank list like \"0-7,12\"")
+    ranks: set[int] = set()
+    for part in parts:
+        m = _RANKS_RE.match(part)
+        lo = int(m[1]) if m else -1
+        hi = int(m[2]) if m and m[2] else lo
+        if m is None or not 0 <= lo <= hi < max_rank:
+            raise ValueError(f"{part.strip()!r} in {spec!r} is not a rank or a range LO-HI (0 <= LO <= HI < "
+                             f"{max_rank})")
+        ranks.update(range(lo, hi + 1))
+    return frozenset(ranks)
 
 
 class DaemonSettings(EplbConfig):
@@ -97,6 +128,22 @@ class DaemonSettings(EplbConfig):
     curve_operator_keys_dir: str | None = Field(
         default=None, description="Directory of operator public keys (*.key): these may run every eplbctl "
                                   "command (status, balancedness, rebalance, pause, config, ...).")
+    curve_worker_ranks: dict[str, str] | None = Field(
+        default=None, description="Binds worker keys to ranks: key name (the *.key file's stem in "
+                                  "curve_worker_keys_dir) -> the ranks it may register, as \"0-7,12\"; in TOML an "
+                                  "inline table, in the environment or a flag JSON. When set, a worker key not "
+                                  "named here may register no rank (unset = any worker key may register any rank).")
+    max_ep_size: int = Field(default=1024, ge=1, le=1 << 16,
+                             description="Largest EP group (ranks) a registration or a resize may ask for.")
+    max_layers: int = Field(default=256, ge=1, le=1 << 16,
+                            description="Most MoE layers a registering group may have.")
+    max_experts: int = Field(default=4096, ge=1, le=1 << 20,
+                             description="Most experts per layer, logical or physical (slots), a registering group "
+                                         "or a resize may have.")
+    window_memory_bytes: int = Field(default=2 << 30, ge=1 << 20, le=1 << 42,
+                                     description="Memory budget of the load window in bytes (window_size x layers x "
+                                                 "(logical + physical experts) x 4); a registration, resize or "
+                                                 "window_size that needs more is refused.")
     max_steps_ahead: int = Field(default=100000, gt=0,
                                  description="Reject load reports whose step is this far ahead of the "
                                              "newest one seen.")
@@ -115,6 +162,27 @@ class DaemonSettings(EplbConfig):
     @classmethod
     def _endpoint(cls, value: str) -> str:
         return _check_endpoint(value)
+
+    @field_validator("heartbeat_timeout_s")
+    @classmethod
+    def _timeout_s(cls, value: float) -> float:
+        return finite_within(value, MIN_TIMEOUT_S, MAX_TIMEOUT_S, "seconds")
+
+    @field_validator("curve_worker_ranks", mode="before")
+    @classmethod
+    def _worker_ranks(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the environment and flags carry JSON
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError('give a JSON object of key name -> ranks, like {"node0": "0-7"}') from None
+        if not isinstance(value, dict):
+            return value  # None, or pydantic's own type error
+        out = {}
+        for name, spec in value.items():
+            ranks = parse_ranks(spec)
+            out[str(name)] = ",".join(map(str, sorted(ranks)))
+        return out
 
     @field_validator("log_level")
     @classmethod
@@ -139,6 +207,9 @@ class DaemonSettings(EplbConfig):
             if missing:
                 raise ValueError(f"curve_secret_key_file={self.curve_secret_key_file!r} turns CURVE on, which "
                                  f"needs {' and '.join(missing)} too (an empty directory admits no one)")
+        if self.curve_worker_ranks is not None and self.curve_secret_key_file is None:
+            raise ValueError("curve_worker_ranks is set but curve_secret_key_file is not: ranks can be bound to "
+                             "worker keys only with CURVE on")
         return self
 
     @property
@@ -219,9 +290,17 @@ def _none_if_empty(field: str, value: Any) -> Any:
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
-            data = tomllib.load(f)
+            raw = f.read(MAX_CONFIG_FILE_BYTES + 1)  # bounded: a device or a huge file is refused, not read
     except OSError as exc:
         raise ConfigError(f"cannot read settings file {str(path)!r}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_FILE_BYTES:
+        raise ConfigError(f"settings file {str(path)!r} is larger than {MAX_CONFIG_FILE_BYTES} bytes; "
+                          "a settings file is a few KiB")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"settings file {str(path)!r} is not UTF-8 text (byte {exc.start}: "
+                          f"{raw[exc.start:exc.start + 1]!r}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML in settings file {str(path)!r}: {exc}") from None
     out: dict[str, Any] = {}

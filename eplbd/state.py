@@ -7,26 +7,31 @@ identity. Tests drive it directly with made-up times.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import pathlib
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import torch
 
-from eplbd.errors import (InvalidArgumentError, NotFoundError, NotReadyError,
-                          NotRegisteredError, PlacementError, PlanConflictError, RegistrationMismatchError)
+from eplbd.errors import (ConfigError, InvalidArgumentError, LimitExceededError, NotFoundError, NotReadyError,
+                          NotRegisteredError, PermissionDeniedError, PlacementError, PlanConflictError,
+                          RegistrationMismatchError)
 from eplbd.plans import PersistedState, PlanRecord, load_state, read_placement_file, save_state
 from eplbd.policy import (get_policy, moved_slots, observed_balancedness, predicted_balancedness, rank_loads,
                           spread_logical_load, summarize, validate_placement)
-from eplbd.proto import (Abort, AbortInfo, Ack, BalancednessReply, BalanceStats, Commit, LayerReady, LoadReport,
-                         Plan, RebalanceReply, RegisterWorker, Registered, StatusReply, WorkerInfo)
+from eplbd.proto import (Abort, AbortInfo, Ack, BalancednessReply, BalanceStats, Commit, Heartbeat, LayerReady,
+                         LoadReport, Plan, RebalanceReply, RegisterWorker, Registered, Release, StatusReply,
+                         WorkerInfo)
 from eplbd.resize import ElasticOps
-from eplbd.scheduler import Proposal, SchedulerState, Topology, decide, propose
+from eplbd.scheduler import Proposal, SchedulerState, Topology, check_layers, decide, propose
 from eplbd.trace import save_trace
-from eplbd.window import LoadWindow, ReportRejected
+from eplbd.window import LoadWindow, ReportRejected, window_bytes
 
 log = logging.getLogger("eplbd.state")
 
@@ -35,8 +40,25 @@ _GROUP_FIELDS = ("ep_size", "num_layers", "num_logical_experts", "num_physical_e
                  "num_local_physical_experts", "num_groups", "num_nodes")
 
 
+@dataclass(frozen=True)
+class Sender:
+    """Who sent a message, as the transport tells it (not as the message claims).
+
+    Attributes:
+        identity: the ROUTER routing identity of the connection; None on the ingest socket,
+            whose messages carry none.
+        user_id: the CURVE ``User-Id`` of the connection (``"worker:NAME"``); None with CURVE off.
+    """
+
+    identity: bytes | None = None
+    user_id: str | None = None
+
+
 @dataclass
 class Worker:
+    """A registered rank: one session, bound to the connection (and CURVE key) that registered it
+    and to ``session``, the secret its later messages must carry."""
+
     rank: int
     worker_id: str
     identity: bytes
@@ -48,6 +70,9 @@ class Worker:
     last_seq: int = -1
     step: int = 0
     rejected_ahead: int = 0  # reports refused since the last applied one (their seqs are not gaps)
+    user_id: str | None = None
+    session: str = ""
+    released: bool = False  # the rank said its session ends (Release): another connection may register it
 
 
 @dataclass
@@ -61,6 +86,27 @@ class Outgoing:
 
 
 @dataclass
+class PlanJob:
+    """A policy run taken off the event loop: ``run`` is pure (it reads only its own copies and the
+    placement tensor, which the state replaces but never changes in place), so it may run in an
+    executor while the loop keeps serving; ``finish`` then applies the result on the loop.
+
+    Attributes:
+        run: computes the ``Proposal``.
+        epoch: the epoch it planned from; ``finish`` refuses a result the group has moved past.
+        what: why it runs: the scheduler's reason, or "operator rebalance".
+        phy2log: the placement it planned from.
+        scheduled: the scheduler's own re-plan (not an operator's request).
+    """
+
+    run: Callable[[], Proposal]
+    epoch: int
+    what: str
+    phy2log: torch.Tensor
+    scheduled: bool = False
+
+
+@dataclass
 class Counters:
     reports_received: int = 0
     reports_dropped: int = 0
@@ -68,10 +114,26 @@ class Counters:
     plans: dict[str, int] = field(default_factory=lambda: {"committed": 0, "aborted": 0, "skipped": 0})
     # Abort actions by cause (ABORT_CAUSES); a truncating abort counts too, though its plan then commits.
     aborts: dict[str, int] = field(default_factory=dict)
+    # RPC messages naming a rank that were refused: (message type, REFUSAL_REASONS) -> count.
+    refused: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.reports_dropped += n
         self.drop_reasons[reason] = self.drop_reasons.get(reason, 0) + n
+
+    def refuse(self, message: str, reason: str) -> None:
+        key = (message, reason)
+        self.refused[key] = self.refused.get(key, 0) + 1
+
+
+# Why a worker message naming a rank was refused (label of eplbd_worker_messages_refused_total; load
+# reports count the same reasons as drops): ``not_registered`` (no such rank, or another incarnation's
+# worker id), ``bad_session`` (not the secret the registration was given), ``wrong_connection`` (not the
+# connection that registered), ``wrong_key`` (not the CURVE key that registered), ``rank_held`` (a
+# registration of a rank whose session is alive, from another connection), ``key_not_bound`` (a CURVE key
+# that ``curve_worker_ranks`` does not bind to that rank), ``limit`` (a shape beyond the daemon's bounds).
+REFUSAL_REASONS = ("not_registered", "bad_session", "wrong_connection", "wrong_key", "rank_held",
+                   "key_not_bound", "limit")
 
 
 # Why a plan was aborted: the label of eplbd_plans_aborted_total and AbortInfo.cause.
@@ -112,6 +174,24 @@ def _placement_path(path: str) -> pathlib.Path:
     return p
 
 
+_MISMATCH_TEXT = {
+    "bad_session": "it does not carry the session the rank was given at registration",
+    "wrong_connection": "it does not come from the connection that registered the rank",
+    "wrong_key": "it does not come from the CURVE key that registered the rank",
+}
+
+
+def _mismatch(w: Worker, session: str, sender: Sender) -> str:
+    """Why a message carrying ``session`` from ``sender`` is not ``w``'s session ("" if it is)."""
+    if not session or not hmac.compare_digest(w.session, session):
+        return "bad_session"
+    if sender.identity is not None and sender.identity != w.identity:
+        return "wrong_connection"
+    if sender.user_id != w.user_id:
+        return "wrong_key"
+    return ""
+
+
 def _stats(s) -> BalanceStats:
     return BalanceStats(min=s.min, p50=s.p50, p90=s.p90, mean=s.mean, aggregate=s.aggregate)
 
@@ -122,6 +202,8 @@ class DaemonState(ElasticOps):
 
     def __init__(self, settings, *, daemon_id: str | None = None) -> None:
         self.settings = settings
+        # Ranks each CURVE worker key may register (key name -> ranks); None: not bound.
+        self.rank_binding: dict[str, frozenset[int]] | None = None
         self.daemon_id = daemon_id or f"eplbd-{uuid.uuid4().hex[:8]}"
         self.started = time.time()
         self.topo: Topology | None = None
@@ -158,6 +240,7 @@ class DaemonState(ElasticOps):
             g = {f: int(p.topology[f]) for f in _GROUP_FIELDS}
         except (KeyError, TypeError, ValueError):
             return
+        self.check_bounds(g, f"the state file in {self.settings.state_dir!r}", ConfigError)
         self.group = g
         self.topo = Topology(num_layers=g["num_layers"], num_logical=g["num_logical_experts"],
                              num_physical=g["num_physical_experts"], num_gpus=g["ep_size"],
@@ -168,14 +251,48 @@ class DaemonState(ElasticOps):
                                  self.topo.num_physical, max_steps_ahead=self.settings.max_steps_ahead)
         self.window.set_epoch(self.epoch)
 
+    # -- bounds -----------------------------------------------------------------------
+    def check_bounds(self, shape: dict[str, int], who: str, error: type = LimitExceededError,
+                     window_size: int | None = None) -> None:
+        """Raise ``error`` naming the bound unless a group of ``shape`` (``_GROUP_FIELDS``) fits the daemon's
+        ``max_ep_size``, ``max_layers``, ``max_experts`` and ``window_memory_bytes``: checked before anything
+        of that size is allocated.
+
+        Args:
+            who: what asked, for the message ("rank 3", "resize").
+            window_size: the window to price (default: ``settings.window_size``).
+        """
+        s = self.settings
+        limits = (("ep_size", "max_ep_size"), ("num_layers", "max_layers"),
+                  ("num_logical_experts", "max_experts"), ("num_physical_experts", "max_experts"))
+        for f, bound in limits:
+            if shape[f] > getattr(s, bound, 1 << 62):
+                raise error(f"{who}: {f}={shape[f]} exceeds {bound}={getattr(s, bound)} (a daemon setting)")
+        w = s.window_size if window_size is None else window_size
+        need = window_bytes(w, shape["num_layers"], shape["num_logical_experts"], shape["num_physical_experts"])
+        budget = getattr(s, "window_memory_bytes", 1 << 62)
+        if need > budget:
+            raise error(f"{who}: a window of window_size={w} steps x num_layers={shape['num_layers']} x "
+                        f"({shape['num_logical_experts']} logical + {shape['num_physical_experts']} physical "
+                        f"experts) needs {need} bytes, more than window_memory_bytes={budget}")
+
     # -- registration -----------------------------------------------------------------
-    def register(self, msg: RegisterWorker, identity: bytes, now: float) -> tuple[Registered, list[Outgoing]]:
+    def register(self, msg: RegisterWorker, sender: Sender, now: float) -> tuple[Registered, list[Outgoing]]:
         """Admit a rank; the first one defines the group, the others must match it.
 
-        A re-registering rank (a new ``worker_id``) replaces its old incarnation and
-        aborts any plan in flight, since the new process holds no staged weights.
+        A rank whose session is alive can be registered again only by that session (same connection,
+        same CURVE key, its ``session`` secret); another connection gets ``PermissionDeniedError``
+        until the session timed out (``heartbeat_timeout_s``) or was released. A re-registering rank
+        (a new ``worker_id``) replaces its old incarnation and aborts any plan in flight, since the new
+        process holds no staged weights. Every registration gets a new session secret.
         """
         shape = {f: int(getattr(msg, f)) for f in _GROUP_FIELDS}
+        try:
+            self.check_bounds(shape, f"rank {msg.rank}")
+        except LimitExceededError:
+            self.counters.refuse("RegisterWorker", "limit")
+            raise
+        self._check_key_binding(msg.rank, sender)
         if shape["num_physical_experts"] != shape["num_local_physical_experts"] * shape["ep_size"]:
             raise RegistrationMismatchError(
                 f"rank {msg.rank}: num_physical_experts={shape['num_physical_experts']} != "
@@ -194,21 +311,67 @@ class DaemonState(ElasticOps):
                     f"rank {msg.rank} is on epoch {msg.epoch} with a different placement than the group "
                     f"(epoch {self.epoch}); restart it on the group's placement")
         else:
+            self._check_model(shape, msg.rank)
+        self._check_rank_free(msg, sender, now)
+        if not (self.topo is not None and alive_others):
             self._adopt(msg, shape)
         # Plan ids stay above any the ranks have seen, even when this daemon lost its state.
         self.next_plan_id = max(self.next_plan_id, msg.last_plan_id + 1)
         if msg.rank in self.workers and self.current_plan is not None and self.current_plan.in_flight:
             out += self.abort_plan(f"rank {msg.rank} re-registered (worker {msg.worker_id})",
                                    rank=msg.rank, cause="reregistered", reported_by=msg.rank)
-        self.workers[msg.rank] = Worker(msg.rank, msg.worker_id, identity, msg.node, msg.hostname, msg.epoch,
-                                        msg.expert_bytes, now, step=msg.step)
-        log.info("rank %d registered (worker %s, epoch %d, %d/%d ranks)", msg.rank, msg.worker_id,
-                 msg.epoch, len(self.workers), self.group["ep_size"])
+        session = secrets.token_urlsafe(18)
+        self.workers[msg.rank] = Worker(msg.rank, msg.worker_id, sender.identity or b"", msg.node, msg.hostname,
+                                        msg.epoch, msg.expert_bytes, now, step=msg.step, user_id=sender.user_id,
+                                        session=session)
+        log.info("rank %d registered (worker %s%s, epoch %d, %d/%d ranks)", msg.rank, msg.worker_id,
+                 f", key {sender.user_id}" if sender.user_id else "", msg.epoch, len(self.workers),
+                 self.group["ep_size"])
         reply = Registered(epoch=self.epoch, daemon_id=self.daemon_id,
                            heartbeat_interval_s=self.settings.heartbeat_timeout_s / 4,
-                           commit_interval_steps=self.settings.commit_interval_steps, req_id=msg.req_id)
+                           commit_interval_steps=self.settings.commit_interval_steps, session=session,
+                           req_id=msg.req_id)
         return reply, out
 
+    def _check_key_binding(self, rank: int, sender: Sender) -> None:
+        """With ``curve_worker_ranks``, a worker key registers only the ranks bound to it."""
+        if self.rank_binding is None or sender.user_id is None:
+            return
+        name = sender.user_id.partition(":")[2]
+        allowed = self.rank_binding.get(name, frozenset())
+        if rank not in allowed:
+            self.counters.refuse("RegisterWorker", "key_not_bound")
+            shown = ",".join(map(str, sorted(allowed)[:16])) or "none"
+            raise PermissionDeniedError(f"worker key {name!r} may not register rank {rank}: curve_worker_ranks "
+                                        f"binds it to ranks {shown}")
+
+    def _check_model(self, shape: dict[str, int], rank: int) -> None:
+        """The model shape (layers, logical experts) is learned from the first registration and pinned
+        (in ``state.json`` too): a later group of another model is refused, not adopted."""
+        if not self.group:
+            return
+        for f in ("num_layers", "num_logical_experts"):
+            if shape[f] != self.group[f]:
+                where = f" (pinned in {self.settings.state_dir}/state.json)" if getattr(
+                    self.settings, "state_dir", None) else ""
+                raise RegistrationMismatchError(
+                    f"rank {rank} registers {f}={shape[f]} but this daemon serves a model with {f}="
+                    f"{self.group[f]}{where}; a daemon serves one model: start another (or a fresh state_dir) "
+                    "for this one")
+
+    def _check_rank_free(self, msg: RegisterWorker, sender: Sender, now: float) -> None:
+        """Refuse to take a rank from a live session unless that very session asks."""
+        w = self.workers.get(msg.rank)
+        if w is None or w.released or not self.alive(w, now):
+            return
+        if (w.identity == (sender.identity or b"") and w.user_id == sender.user_id
+                and hmac.compare_digest(w.session, msg.session)):
+            return
+        self.counters.refuse("RegisterWorker", "rank_held")
+        raise PermissionDeniedError(
+            f"rank {msg.rank} is held by the live session of worker {w.worker_id!r} (last seen "
+            f"{now - w.last_seen:.1f}s ago); another connection may register it once that session has "
+            f"released it or timed out (heartbeat_timeout_s={self.settings.heartbeat_timeout_s:g})")
     def _adopt(self, msg: RegisterWorker, shape: dict[str, int]) -> None:
         """Take the group's shape and placement from a worker (workers run what they report)."""
         topo = Topology(num_layers=msg.num_layers, num_logical=msg.num_logical_experts,
@@ -240,27 +403,55 @@ class DaemonState(ElasticOps):
         return (self.topo is not None and len(self.workers) == self.topo.num_gpus
                 and all(self.alive(w, now) for w in self.workers.values()))
 
-    def _worker(self, rank: int, worker_id: str, now: float) -> Worker:
+    def _session(self, msg: Any, sender: Sender, now: float) -> Worker:
+        """The registered rank ``msg`` speaks for, if ``sender`` is its session: same worker id, the
+        session secret, the registering connection and CURVE key. Only then is the rank seen alive.
+
+        Raises:
+            NotRegisteredError: no such rank, or another incarnation (the worker registers again).
+            PermissionDeniedError: the rank's registration is someone else's (counted with a reason).
+        """
+        kind, rank = type(msg).__name__, msg.rank
         w = self.workers.get(rank)
         # The worker id is required, not optional: an empty one matching any registration
         # would let any peer with a worker key keep a dead rank looking alive.
-        if w is None or w.worker_id != worker_id:
-            raise NotRegisteredError(f"rank {rank} (worker {worker_id!r}) is not registered")
+        if w is None or w.worker_id != msg.worker_id:
+            self.counters.refuse(kind, "not_registered")
+            raise NotRegisteredError(f"rank {rank} (worker {msg.worker_id!r}) is not registered")
+        why = _mismatch(w, msg.session, sender)
+        if why:
+            self.counters.refuse(kind, why)
+            raise PermissionDeniedError(f"{kind} for rank {rank} (worker {msg.worker_id!r}) refused: "
+                                        f"{_MISMATCH_TEXT[why]}")
         w.last_seen = now
         return w
 
-    def heartbeat(self, rank: int, worker_id: str, step: int, now: float) -> None:
-        w = self._worker(rank, worker_id, now)
-        w.step = max(w.step, step)
+    def heartbeat(self, msg: Heartbeat, sender: Sender, now: float) -> None:
+        w = self._session(msg, sender, now)
+        w.step = max(w.step, msg.step)
+
+    def release(self, msg: Release, sender: Sender, now: float) -> None:
+        """The rank's session ends: another connection may register the rank from now on."""
+        w = self._session(msg, sender, now)
+        w.released = True
+        log.info("rank %d: worker %s released its session", w.rank, w.worker_id)
 
     # -- load ingest ------------------------------------------------------------------
-    def ingest(self, rep: LoadReport, now: float) -> bool:
-        """Apply one load report; False (and a counted drop with a reason) if refused."""
+    def ingest(self, rep: LoadReport, now: float, user_id: str | None = None) -> bool:
+        """Apply one load report; False (and a counted drop with a reason) if refused.
+
+        Args:
+            user_id: the CURVE ``User-Id`` of the report's connection (None: CURVE off).
+        """
         self.counters.reports_received += 1
         w = self.workers.get(rep.rank)
         if w is None or w.worker_id != rep.worker_id:
             self.counters.drop("unknown_rank")
             log.debug("dropped report from unknown rank %d worker %s", rep.rank, rep.worker_id)
+            return False
+        why = _mismatch(w, rep.session, Sender(None, user_id))
+        if why:
+            self.counters.drop(why)
             return False
         w.last_seen = now
         if rep.seq <= w.last_seq:
@@ -331,36 +522,67 @@ class DaemonState(ElasticOps):
                               plan_progress_at=plan.progress_mono if plan else None, dead_ranks=dead)
 
     def tick(self, now: float, mono: float | None = None) -> list[Outgoing]:
-        """One scheduler step: maybe push a plan, maybe abort a stuck one."""
+        """One scheduler step: maybe push a plan, maybe abort a stuck one (the policy runs inline;
+        the daemon runs ``tick_decide``'s job in an executor instead)."""
+        out, job = self.tick_decide(now, mono)
+        if job is not None:
+            reply, more = self.finish_plan(job, job.run(), now=now)
+            out += more
+        return out
+
+    def tick_decide(self, now: float, mono: float | None = None) -> tuple[list[Outgoing], PlanJob | None]:
+        """The cheap part of a scheduler step: aborts to send now, and the policy run to do, if a
+        re-plan is due (its result goes to ``finish_plan``)."""
         mono = time.monotonic() if mono is None else mono
         if self.topo is None:
             self.last_decision_reason = "no workers registered yet"
-            return []
+            return [], None
         d = decide(mono, self.scheduler_state(now=now), self.settings)
         if d.action == "abort":
             self.last_decision_reason = d.reason
-            return self.abort_plan(d.reason, rank=d.rank, cause=d.trigger)
+            return self.abort_plan(d.reason, rank=d.rank, cause=d.trigger), None
         if d.action == "wait":
             # A wait reason is shown only until the first real decision: after
             # that, status keeps saying why the last plan was pushed or skipped.
             if not self._decided:
                 self.last_decision_reason = d.reason
-            return []
+            return [], None
         self._decided = True
         if not self.all_ranks_alive(now):
             self.last_decision_reason = (f"re-plan due but only {self._alive_count(now)}/{self.topo.num_gpus} "
                                          "ranks are registered and alive")
-            return []
+            return [], None
         self.last_plan_step = self.window.newest_step
-        prop = propose(self.window.logical_load(), self.phy2log, self.topo, self.settings,
-                       expert_bytes=self._moved_bytes(1))
-        self.last_decision_reason = f"{d.reason}: {prop.reason}"
-        log.info("scheduled re-plan: %s", self.last_decision_reason)
-        if not prop.accept:
-            self.counters.plans["skipped"] += 1
-            return []
-        _, out = self._start_plan(prop)
-        return out
+        return [], self._plan_job(d.reason, scheduled=True, expert_bytes=self._moved_bytes(1))
+
+    def _plan_job(self, what: str, scheduled: bool = False, **kw: Any) -> PlanJob:
+        run = partial(propose, self.window.logical_load(), self.phy2log, self.topo, self.settings, **kw)
+        return PlanJob(run, self.epoch, what, self.phy2log, scheduled)
+
+    def finish_plan(self, job: PlanJob, prop: Proposal, *, now: float, dry_run: bool = False,
+                    req_id: int = 0) -> tuple[RebalanceReply, list[Outgoing]]:
+        """Apply a ``PlanJob``'s result: push the plan (unless skipped or ``dry_run``).
+
+        Raises:
+            PlanConflictError: the placement changed while the policy ran (a commit, a resize, a
+                placement load), or a plan started meanwhile: the result is stale; retry.
+        """
+        if self.epoch != job.epoch or self.phy2log is not job.phy2log:
+            raise PlanConflictError(f"{job.what}: the placement changed while the policy ran (epoch {job.epoch} -> "
+                                    f"{self.epoch}); the result is stale, retry")
+        if not dry_run and prop.accept:
+            rec = self.current_plan
+            if rec is not None and rec.in_flight:
+                raise PlanConflictError(f"{job.what}: plan {rec.plan_id} started while the policy ran; retry")
+        if job.scheduled:
+            self.last_decision_reason = f"{job.what}: {prop.reason}"
+            log.info("scheduled re-plan: %s", self.last_decision_reason)
+            if not prop.accept:
+                self.counters.plans["skipped"] += 1
+                return self._reply(prop, req_id), []
+            rec, out = self._start_plan(prop)
+            return self._reply(prop, req_id, rec), out
+        return self._proposal_reply(prop, dry_run, req_id, job.what)
 
     def _alive_count(self, now: float) -> int:
         return sum(self.alive(w, now) for w in self.workers.values())
@@ -396,9 +618,9 @@ class DaemonState(ElasticOps):
             return None
         return rec
 
-    def layer_ready(self, msg: LayerReady, now: float) -> list[Outgoing]:
+    def layer_ready(self, msg: LayerReady, sender: Sender, now: float) -> list[Outgoing]:
         """A rank staged some layers; permit the layers every rank has staged."""
-        self._worker(msg.rank, msg.worker_id, now)
+        self._session(msg, sender, now)
         rec = self._plan(msg.plan_id, msg.epoch)
         if rec is None:
             return []  # late or duplicate: idempotent
@@ -414,9 +636,10 @@ class DaemonState(ElasticOps):
             rec.mark("staged")
         return [Outgoing(Commit(plan_id=rec.plan_id, epoch=rec.epoch, layers=sorted(everywhere)))]
 
-    def ack(self, msg: Ack, now: float) -> list[Outgoing]:
-        """A rank applied some layers; when every rank applied every layer the plan is committed."""
-        self._worker(msg.rank, msg.worker_id, now)
+    def ack(self, msg: Ack, sender: Sender, now: float) -> list[Outgoing]:
+        """A rank applied some layers; when every rank applied every layer the plan is committed.
+        Only the registered session of a rank can ack for it."""
+        self._session(msg, sender, now)
         rec = self._plan(msg.plan_id, msg.epoch)
         if rec is None:
             return []
@@ -444,7 +667,7 @@ class DaemonState(ElasticOps):
         log.info("plan %d committed: epoch %d in %.3fs", rec.plan_id, rec.epoch, rec.timings["committed"])
 
     def abort_plan(self, reason: str, *, rank: int = -1, cause: str = "rank_failed",
-                   reported_by: int = -1) -> list[Outgoing]:
+                   reported_by: int = -1, reported_by_worker: str = "") -> list[Outgoing]:
         """Abandon the plan in flight. Layers already permitted cannot be taken back (a rank
         may have applied them): the first abort of such a plan truncates it to those layers
         and it still commits when they are acked; a second abort of the truncated plan (its
@@ -457,6 +680,7 @@ class DaemonState(ElasticOps):
             rank: the rank that failed (-1: none in particular).
             cause: one of ``ABORT_CAUSES`` (the metric label).
             reported_by: the rank that reported the failure (-1: the daemon noticed).
+            reported_by_worker: the worker id (registered session) of ``reported_by``.
         """
         rec = self.current_plan
         if rec is None or not rec.in_flight:
@@ -464,7 +688,8 @@ class DaemonState(ElasticOps):
         keep = [layer for layer in rec.layers if layer in rec.permitted]
         self.counters.aborts[cause] = self.counters.aborts.get(cause, 0) + 1
         self.last_abort = AbortInfo(plan_id=rec.plan_id, rank=rank, reason=reason, at=time.time(), cause=cause,
-                                    reported_by=reported_by, kept_layers=keep if not rec.end_reason else [])
+                                    reported_by=reported_by, kept_layers=keep if not rec.end_reason else [],
+                                    reported_by_worker=reported_by_worker)
         if keep and not rec.end_reason:
             self._truncate(rec, keep)
             rec.end_reason = f"truncated to {len(keep)} permitted layer(s): {reason}"
@@ -499,17 +724,19 @@ class DaemonState(ElasticOps):
         rec.phy2log, rec.layers = phy2log, list(keep)
         self.placements[rec.epoch] = phy2log
 
-    def worker_abort(self, msg: Abort, now: float) -> list[Outgoing]:
+    def worker_abort(self, msg: Abort, sender: Sender, now: float) -> list[Outgoing]:
         """A rank gave up on a plan (a failed transfer, a refused plan). When the failure was a
-        transfer with a named peer, that peer is the rank blamed: the reporter is evidently alive."""
-        if msg.rank >= 0 and msg.rank in self.workers:
-            self.workers[msg.rank].last_seen = now
+        transfer with a named peer, that peer is the rank blamed: the reporter is evidently alive.
+        Only a rank's registered session can abort for it (so only those aborts count towards
+        ``stuck_abort_streak``); the abort is recorded with that session's worker id."""
+        w = self._session(msg, sender, now)
         if self._plan(msg.plan_id, msg.epoch) is None:
             return []  # late, duplicated or for a plan already over: idempotent
         if msg.peer >= 0:
-            reason = f"rank {msg.rank} failed a transfer with rank {msg.peer}: {msg.reason}"
-            return self.abort_plan(reason, rank=msg.peer, reported_by=msg.rank)
-        return self.abort_plan(f"rank {msg.rank} failed: {msg.reason}", rank=msg.rank, reported_by=msg.rank)
+            reason = f"rank {msg.rank} failed a transfer with rank {msg.peer}: {msg.reason} (worker {w.worker_id})"
+            return self.abort_plan(reason, rank=msg.peer, reported_by=msg.rank, reported_by_worker=w.worker_id)
+        return self.abort_plan(f"rank {msg.rank} failed: {msg.reason} (worker {w.worker_id})", rank=msg.rank,
+                               reported_by=msg.rank, reported_by_worker=w.worker_id)
 
     def rebalancing_stuck(self, mono: float) -> tuple[bool, str]:
         """Whether balancing is wedged, and why: a plan in flight with no progress for longer than
@@ -557,7 +784,8 @@ class DaemonState(ElasticOps):
                            next_rebalance_step=nxt, uptime_s=time.time() - self.started,
                            last_commit_at=self.last_commit_time or 0.0, last_abort=self.last_abort,
                            aborts_in_a_row=self.aborts_in_a_row, rebalancing_stuck=stuck, stuck_reason=why,
-                           resize=self.resize_info())
+                           resize=self.resize_info(),
+                           messages_refused={f"{m}:{r}": n for (m, r), n in self.counters.refused.items()})
 
     def balancedness(self, per_layer: bool = False, per_rank: bool = False) -> BalancednessReply:
         self._require_group()
@@ -576,6 +804,12 @@ class DaemonState(ElasticOps):
 
     def rebalance(self, *, dry_run: bool, layers: list[int] | None, policy: str | None, force: bool,
                   now: float, req_id: int = 0) -> tuple[RebalanceReply, list[Outgoing]]:
+        job = self.rebalance_job(dry_run=dry_run, layers=layers, policy=policy, force=force, now=now)
+        return self.finish_plan(job, job.run(), now=now, dry_run=dry_run, req_id=req_id)
+
+    def rebalance_job(self, *, dry_run: bool, layers: list[int] | None, policy: str | None, force: bool,
+                      now: float) -> PlanJob:
+        """Check an operator's rebalance and return its policy run (for ``finish_plan``)."""
         self._require_group()
         if self.window.fill == 0:
             raise NotReadyError("the load window is empty: no load reports received yet")
@@ -583,9 +817,10 @@ class DaemonState(ElasticOps):
             self._check_can_start(now)
         if policy is not None:
             get_policy(policy)  # PolicyError naming the bad name and the available ones
-        prop = propose(self.window.logical_load(), self.phy2log, self.topo, self.settings, policy=policy,
-                       layers=layers, force=force, expert_bytes=self._moved_bytes(1))
-        return self._proposal_reply(prop, dry_run, req_id, "operator rebalance")
+        if layers is not None:
+            check_layers(layers, self.topo)  # here, not in the executor: a bad request is answered at once
+        return self._plan_job("operator rebalance", policy=policy, layers=layers, force=force,
+                              expert_bytes=self._moved_bytes(1))
 
     def _check_can_start(self, now: float) -> None:
         """An operator's plan may start only with no plan in flight and every rank alive."""
@@ -595,14 +830,17 @@ class DaemonState(ElasticOps):
         if not self.all_ranks_alive(now):
             raise NotReadyError(f"only {self._alive_count(now)}/{self.topo.num_gpus} ranks are alive")
 
+    def _reply(self, prop: Proposal, req_id: int, rec: PlanRecord | None = None) -> RebalanceReply:
+        moved = int(prop.moved_slots.sum())
+        return RebalanceReply(plan_id=rec.plan_id if rec else 0, epoch=rec.epoch if rec else self.epoch,
+                              pushed=rec is not None, skipped=not prop.accept, reason=prop.reason,
+                              predicted_before=float(prop.before.mean()), predicted_after=float(prop.after.mean()),
+                              moved_slots=moved, moved_bytes=self._moved_bytes(moved), phy2log=prop.phy2log,
+                              layers=list(prop.layers), policy=prop.policy, req_id=req_id)
+
     def _proposal_reply(self, prop: Proposal, dry_run: bool, req_id: int,
                         what: str) -> tuple[RebalanceReply, list[Outgoing]]:
-        moved = int(prop.moved_slots.sum())
-        reply = RebalanceReply(plan_id=0, epoch=self.epoch, pushed=False, skipped=not prop.accept,
-                               reason=prop.reason, predicted_before=float(prop.before.mean()),
-                               predicted_after=float(prop.after.mean()), moved_slots=moved,
-                               moved_bytes=self._moved_bytes(moved), phy2log=prop.phy2log,
-                               layers=list(prop.layers), policy=prop.policy, req_id=req_id)
+        reply = self._reply(prop, req_id)
         self.last_decision_reason = f"{what}{' (dry run)' if dry_run else ''}: {prop.reason}"
         self._decided = True
         if dry_run or not prop.accept:
@@ -650,26 +888,48 @@ class DaemonState(ElasticOps):
             raise NotFoundError(f"no placement for epoch {e} (current epoch {self.epoch})")
         return p
 
-    def dump_window(self, path: str) -> int:
+    def dump_window(self, path: str) -> tuple[str, int]:
+        """Write the window as a trace file; returns ``(path written, steps)``."""
+        real, write = self.dump_window_job(path)
+        return real, write()
+
+    def dump_window_job(self, path: str) -> tuple[str, Callable[[], int]]:
+        """Check ``path`` and copy the window; returns the path that will be written (``.npz`` appended
+        when missing, as numpy does) and the write itself (compression: for an executor)."""
         self._require_group()
         p = operator_path(path, "write")
+        if p.suffix != ".npz":
+            p = p.with_name(p.name + ".npz")
         if not p.parent.is_dir():
-            raise InvalidArgumentError(f"cannot write {path!r}: directory {str(p.parent)!r} does not exist")
+            raise InvalidArgumentError(f"cannot write {str(p)!r}: directory {str(p.parent)!r} does not exist")
         if p.is_dir():
-            raise InvalidArgumentError(f"cannot write {path!r}: it is a directory")
+            raise InvalidArgumentError(f"cannot write {str(p)!r}: it is a directory")
         steps, load = self.window.steps_logical()
-        try:
-            save_trace(p, load, steps=steps, meta={"source": "eplbd dump", "daemon_id": self.daemon_id,
-                                                   "epoch": self.epoch, "ep_size": self.topo.num_gpus})
-        except OSError as exc:  # permissions, a full disk: the operator's problem to fix, not a daemon bug
-            raise InvalidArgumentError(f"cannot write {path!r}: {exc.strerror or exc}") from None
-        return int(steps.size)
+        meta = {"source": "eplbd dump", "daemon_id": self.daemon_id, "epoch": self.epoch,
+                "ep_size": self.topo.num_gpus}
+
+        def write() -> int:
+            try:
+                save_trace(p, load, steps=steps, meta=meta)
+            except OSError as exc:  # permissions, a full disk: the operator's problem to fix, not a daemon bug
+                raise InvalidArgumentError(f"cannot write {str(p)!r}: {exc.strerror or exc}") from None
+            return int(steps.size)
+
+        return str(p), write
 
     def set_settings(self, settings) -> None:
+        """Take new settings; a ``window_size`` the window's memory budget cannot hold is refused
+        (``LimitExceededError``) before anything changes."""
         old = self.settings
-        self.settings = settings
         if self.window is not None and settings.window_size != old.window_size:
+            self.settings = settings
+            try:
+                self.check_bounds(self.group, f"window_size={settings.window_size}")
+            except LimitExceededError:
+                self.settings = old
+                raise
             self._resize_window(settings.window_size)
+        self.settings = settings
 
     def _resize_window(self, size: int) -> None:
         steps, load = self.window.steps_logical()

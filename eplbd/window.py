@@ -103,6 +103,13 @@ class _LogicalMap:
 _FOLD_CHUNK = 64  # ring rows mapped per step of a fold
 
 
+def window_bytes(window_size: int, num_layers: int, num_logical: int, num_physical: int) -> int:
+    """Bytes a ``LoadWindow`` of this shape allocates: its two int32 rings (physical and logical) and
+    the per-step bookkeeping; what the daemon checks against ``window_memory_bytes`` before allocating."""
+    return window_size * (num_layers * (num_logical + num_physical) * 4 + 17) + num_layers * (num_logical
+                                                                                             + num_physical) * 8
+
+
 class LoadWindow:
     """Ring-buffered window of global load; see the module docstring.
 

@@ -8,7 +8,7 @@ Sockets and directions (the daemon binds both):
 
 * PULL (fire-and-forget, worker -> daemon): ``LoadReport``.
 * ROUTER (worker DEALER): ``Hello`` -> ``Welcome``; ``RegisterWorker`` ->
-  ``Registered``; ``Heartbeat``, ``LayerReady``, ``Ack``, ``Abort`` -> ``OkReply``.
+  ``Registered``; ``Heartbeat``, ``LayerReady``, ``Ack``, ``Abort``, ``Release`` -> ``OkReply``.
   Daemon pushes, unsolicited: ``Plan``, ``Commit``, ``Abort``.
 * ROUTER (operator DEALER): ``Hello`` -> ``Welcome``, then the ``*Request``
   types in ``OPERATOR_REQUEST_TYPES``, each answered as in ``REPLY_TYPE_FOR``.
@@ -49,7 +49,8 @@ from .operator_messages import (
     StatusRequest,
     WorkerInfo,
 )
-from .worker_messages import Abort, Ack, Commit, Heartbeat, LayerReady, LoadReport, Plan, Registered, RegisterWorker
+from .worker_messages import (Abort, Ack, Commit, Heartbeat, LayerReady, LoadReport, Plan, Registered, RegisterWorker,
+                              Release)
 
 
 # --- handshake ---------------------------------------------------------------
@@ -109,7 +110,7 @@ Message = Union[
     GetPlanRequest, PlanInfo, GetPlacementRequest, PlacementReply,
     DumpWindowRequest, DumpWindowReply, LoadPlacementRequest,
     GetConfigRequest, SetConfigRequest, ConfigReply, ErrorReply,
-    ResizeRequest, GetResizeRequest, ResizeReply,
+    ResizeRequest, GetResizeRequest, ResizeReply, Release,
 ]  # fmt: skip
 MESSAGE_TYPES: tuple[type, ...] = Message.__args__
 
@@ -121,6 +122,7 @@ REPLY_TYPE_FOR: dict[type, type] = {
     LayerReady: OkReply,
     Ack: OkReply,
     Abort: OkReply,
+    Release: OkReply,
     StatusRequest: StatusReply,
     BalancednessRequest: BalancednessReply,
     RebalanceRequest: RebalanceReply,
@@ -137,7 +139,8 @@ REPLY_TYPE_FOR: dict[type, type] = {
 }
 REQUEST_TYPES: tuple[type, ...] = tuple(REPLY_TYPE_FOR)
 # GetResizeRequest (read-only) is both roles': the ranks of a resized group fetch their transition with it.
-WORKER_REQUEST_TYPES: tuple[type, ...] = (Hello, RegisterWorker, Heartbeat, LayerReady, Ack, Abort, GetResizeRequest)
+WORKER_REQUEST_TYPES: tuple[type, ...] = (Hello, RegisterWorker, Heartbeat, LayerReady, Ack, Abort, Release,
+                                          GetResizeRequest)
 OPERATOR_REQUEST_TYPES: tuple[type, ...] = tuple(t for t in REQUEST_TYPES
                                                  if t not in WORKER_REQUEST_TYPES or t in (Hello, GetResizeRequest))
 REPLY_TYPES: tuple[type, ...] = tuple(dict.fromkeys([*REPLY_TYPE_FOR.values(), ErrorReply]))
@@ -165,7 +168,7 @@ __all__ = [
     "ConfigReply", "DumpWindowReply", "DumpWindowRequest", "ErrorReply", "GetConfigRequest",
     "GetPlacementRequest", "GetPlanRequest", "Heartbeat", "Hello", "LayerReady",
     "LoadPlacementRequest", "LoadReport", "Message", "OkReply", "PauseRequest", "PlacementReply",
-    "Plan", "PlanInfo", "RebalanceReply", "RebalanceRequest", "Registered", "RegisterWorker",
+    "Plan", "PlanInfo", "RebalanceReply", "RebalanceRequest", "Registered", "RegisterWorker", "Release",
     "ResizeInfo", "ResizeReply", "ResizeRequest", "GetResizeRequest",
     "ResumeRequest", "SetConfigRequest", "StatusReply", "StatusRequest", "Welcome", "WorkerInfo",
     "MessageBase", "check_version", "expect",

@@ -27,7 +27,8 @@ class AbortInfo(msgspec.Struct, kw_only=True):
     """The daemon's last plan abort: which plan, which rank failed (-1: none in particular, e.g. a
     plan timeout), why, when (unix time), the cause (``timeout``, ``stalled``, ``rank_dead``,
     ``rank_failed``, ``reregistered``, ``resize``), the rank that reported it (-1: the daemon's own watchdog)
-    and the layers kept (a permitted layer is never taken back; the plan then commits with them)."""
+    and the layers kept (a permitted layer is never taken back; the plan then commits with them).
+    ``reported_by_worker``: the registered worker id (session) of the rank that reported it."""
 
     plan_id: int
     rank: int
@@ -36,6 +37,7 @@ class AbortInfo(msgspec.Struct, kw_only=True):
     cause: str = ""
     reported_by: int = -1
     kept_layers: list[int] = msgspec.field(default_factory=list)
+    reported_by_worker: str = ""
 
 
 class BalanceStats(msgspec.Struct, kw_only=True):
@@ -100,6 +102,8 @@ class StatusReply(MessageBase):
     rebalancing_stuck: bool = False
     stuck_reason: str = ""
     resize: ResizeInfo | None = None  # the latest elastic resize (None: never resized)
+    # Worker requests naming a rank that were refused: "Message:reason" -> count (eplbd.state.REFUSAL_REASONS).
+    messages_refused: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class BalancednessRequest(MessageBase):

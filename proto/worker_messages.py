@@ -47,6 +47,9 @@ class RegisterWorker(MessageBase):
     # The highest plan id this rank has seen: a daemon that lost its state numbers new plans
     # above it, so a rank can tell a stale or replayed plan from a new one by its id alone.
     last_plan_id: int = 0
+    # The session this connection holds for ``rank`` (``Registered.session``), when it registers
+    # again while that session is alive; "" for a first registration.
+    session: str = ""
 
     def __post_init__(self) -> None:
         check_tensor("RegisterWorker.phy2log", self.phy2log, 2, (torch.int64,))
@@ -75,6 +78,7 @@ class Registered(MessageBase):
     daemon_id: str = ""
     heartbeat_interval_s: float = 0.0
     commit_interval_steps: int = 0
+    session: str = ""
 
     def __post_init__(self) -> None:
         if self.phy2log is not None:
@@ -105,6 +109,7 @@ class LoadReport(MessageBase):
     load: torch.Tensor
     dropped_steps: int = 0
     layers_applied: int = -1
+    session: str = ""  # Registered.session of this incarnation
 
     def __post_init__(self) -> None:
         check_tensor("LoadReport.load", self.load, 3, INT_DTYPES)
@@ -127,6 +132,20 @@ class Heartbeat(MessageBase):
     worker_id: str
     step: int
     epoch: int = -1
+    session: str = ""
+
+
+class Release(MessageBase):
+    """Worker -> daemon: this session of ``rank`` ends (the process is closing its link).
+
+    The rank stays registered (a plan in flight is not aborted by it), but another connection may
+    now register ``rank`` at once instead of waiting until the session times out: a rank restarted
+    on purpose comes back without waiting ``heartbeat_timeout_s``.
+    """
+
+    rank: int
+    worker_id: str
+    session: str
 
 
 # --- plans -------------------------------------------------------------------
@@ -163,6 +182,7 @@ class LayerReady(MessageBase):
     epoch: int
     layers: list[int]
     worker_id: str = ""
+    session: str = ""
 
 
 class Commit(MessageBase):
@@ -182,6 +202,7 @@ class Ack(MessageBase):
     layers: list[int]
     step: int
     worker_id: str = ""
+    session: str = ""
 
 
 class Abort(MessageBase):
@@ -189,6 +210,8 @@ class Abort(MessageBase):
 
     ``rank`` is the rank that failed (-1: the daemon or an operator aborted). ``peer`` (worker ->
     daemon): the rank a failed transfer was with, if known (-1 otherwise).
+
+    ``worker_id`` and ``session`` (worker -> daemon): the registration of ``rank`` that aborts.
 
     ``keep_layers`` (daemon -> workers only): layers the daemon had already permitted.
     A permission is never taken back (some ranks may have applied them), so those
@@ -202,3 +225,5 @@ class Abort(MessageBase):
     rank: int = -1
     keep_layers: list[int] = msgspec.field(default_factory=list)
     peer: int = -1
+    worker_id: str = ""
+    session: str = ""

@@ -298,3 +298,58 @@ def test_non_loopback_bind_without_curve_warns(caplog):
 ])
 def test_is_loopback(endpoint, local):
     assert is_loopback(endpoint) is local
+
+
+# --- a worker key speaks for the ranks it registered (and, bound, only for its own) ----------------------------
+def test_a_worker_key_cannot_report_for_a_rank_another_key_registered(keys):
+    with DaemonThread(**keys.settings()) as d:
+        links = _register(d, keys)
+        # Key w1, knowing rank 0's worker id and even its session, reports as rank 0: dropped, counted.
+        thief = WorkerLink(d.rpc, d.ingest, 0, timeout=5, curve=keys.client("w1"))
+        thief.worker_id, thief.session = links[0].worker_id, d.state.workers[0].session
+        assert thief.wait_ingest(5) and thief.send_report(0, torch.ones(1, L, P, dtype=torch.int64), 0)
+        assert wait_for(lambda: d.state.counters.drop_reasons.get("wrong_key") == 1)
+        assert d.state.window.fill == 0
+        _report_all(links, 0)  # the ranks' own reports count
+        assert wait_for(lambda: d.state.window.fill == 1 and d.state.counters.reports_received == G + 1)
+        for link in (*links, thief):
+            link.close()
+
+
+def test_curve_worker_ranks_binds_each_key_to_its_ranks(keys, caplog):
+    s = {**keys.settings(), "curve_worker_ranks": '{"w0": "0", "w1": "1", "w2": "2-3"}'}
+    with DaemonThread(**s) as d:
+        phy2log = initial_placement(L, E, P, G, "linear")
+        reg = dict(ep_size=G, num_layers=L, num_logical=E, num_physical=P, epoch=0, phy2log=phy2log)
+        stolen = WorkerLink(d.rpc, d.ingest, 0, timeout=5, curve=keys.client("w1"))
+        with pytest.raises(errors.PermissionDeniedError, match=r"worker key 'w1' may not register rank 0: "
+                                                               r"curve_worker_ranks binds it to ranks 1"):
+            stolen.register(**reg)  # rank 0 is free, but not w1's
+        unbound = WorkerLink(d.rpc, d.ingest, 3, timeout=5, curve=keys.client("w3"))
+        with pytest.raises(errors.PermissionDeniedError, match="binds it to ranks none"):
+            unbound.register(**reg)
+        assert d.state.workers == {}
+        links = [WorkerLink(d.rpc, d.ingest, r, timeout=5, curve=keys.client(k))
+                 for r, k in enumerate(("w0", "w1", "w2", "w2"))]
+        for link in links:
+            link.register(**reg)
+        assert sorted(d.state.workers) == list(range(G))
+        assert d.state.counters.refused[("RegisterWorker", "key_not_bound")] == 2
+        for link in (*links, stolen, unbound):
+            link.close()
+    assert "does not name worker key(s) ['w3']" in caplog.text
+
+
+@pytest.mark.parametrize("mapping,needle", [
+    ('{"nobody": "0"}', r"curve_worker_ranks names key 'nobody', but curve_worker_keys_dir=.* has no nobody.key"),
+    ('{"w0": "0-1", "w1": "1"}', "binds rank 1 to both 'w0' and 'w1'"),
+])
+def test_bad_curve_worker_ranks_fail_the_start_naming_them(keys, mapping, needle):
+    with pytest.raises(errors.ConfigError, match=needle):
+        with DaemonThread(**keys.settings(), curve_worker_ranks=mapping):
+            pass
+
+
+def test_curve_worker_ranks_needs_curve():
+    with pytest.raises(errors.ConfigError, match="curve_worker_ranks is set but curve_secret_key_file is not"):
+        load_settings(env={}, cli={"curve_worker_ranks": '{"w0": "0"}'})

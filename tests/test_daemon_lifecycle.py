@@ -70,6 +70,12 @@ def test_reregistering_rank_replaces_old_incarnation_and_aborts_plan():
             assert isinstance(link.poll_pushed(5), Plan)
         old_id = links[1].worker_id
         again = WorkerLink(d.rpc, d.ingest, 1)
+        # While the old incarnation's session is alive, no other connection may take its rank ...
+        with pytest.raises(errors.PermissionDeniedError, match="rank 1 is held by the live session"):
+            again.register(ep_size=G, num_layers=L, num_logical=8, num_physical=P, epoch=0, phy2log=phy2log)
+        assert d.state.workers[1].worker_id == old_id and d.state.current_plan.in_flight
+        # ... once it released its session (a graceful restart), the new one does at once.
+        assert links[1].release()
         again.register(ep_size=G, num_layers=L, num_logical=8, num_physical=P, epoch=0, phy2log=phy2log)
         assert d.state.workers[1].worker_id == again.worker_id != old_id
         assert isinstance(links[0].poll_pushed(5), Abort)

@@ -183,6 +183,14 @@ def test_dump_writes_a_loadable_trace(daemon, tmp_path, monkeypatch):
     assert str(tmp_path / "rel.npz") in r.stdout and load_trace(tmp_path / "rel.npz").load.shape[0] == STEPS
 
 
+def test_dump_without_npz_reports_the_path_numpy_wrote(daemon, tmp_path):
+    doc = ctl_json(daemon, "dump", str(tmp_path / "window"))
+    assert doc["path"] == str(tmp_path / "window.npz") and doc["steps"] == STEPS
+    assert not (tmp_path / "window").exists() and load_trace(tmp_path / "window.npz").load.shape[0] == STEPS
+    r = ctl(daemon, "dump", str(tmp_path / "w2.trace"))
+    assert r.returncode == 0 and f"to {tmp_path / 'w2.trace.npz'}" in r.stdout, r.stdout
+
+
 def test_placement(daemon):
     doc = ctl_json(daemon, "placement")
     assert set(doc) == {"epoch", "phy2log", "ep_size"} and doc["epoch"] == 0 and doc["ep_size"] == G

@@ -8,9 +8,9 @@ import torch
 from daemon_helpers import E, G, L, P, skewed_step_load
 from eplbd.chaos import MessageChaos
 from eplbd.policy import initial_placement
-from eplbd.proto import Abort, Ack, Commit, LayerReady, LoadReport, Plan, RegisterWorker
+from eplbd.proto import Abort, Ack, Commit, Heartbeat, LayerReady, LoadReport, Plan, RegisterWorker
 from eplbd.settings import load_settings
-from eplbd.state import DaemonState
+from eplbd.state import DaemonState, Sender
 
 NOW = 1000.0
 
@@ -20,8 +20,17 @@ def make_state(**settings) -> tuple[DaemonState, torch.Tensor]:
     st = DaemonState(s)
     phy2log = initial_placement(L, E, P, G, "linear")
     for r in range(G):
-        st.register(register_msg(r, phy2log), f"id{r}".encode(), NOW)
+        st.register(register_msg(r, phy2log), sender(r), NOW)
     return st, phy2log
+
+
+def sender(rank: int) -> Sender:
+    return Sender(f"id{rank}".encode())
+
+
+def session(st: DaemonState, rank: int) -> dict:
+    """What rank ``rank``'s registered session puts in its messages."""
+    return {"worker_id": f"w{rank}", "session": st.workers[rank].session}
 
 
 def register_msg(rank: int, phy2log: torch.Tensor, *, epoch: int = 0, last_plan_id: int = 0) -> RegisterWorker:
@@ -32,7 +41,7 @@ def register_msg(rank: int, phy2log: torch.Tensor, *, epoch: int = 0, last_plan_
 
 def start_plan(st: DaemonState, phy2log: torch.Tensor) -> Plan:
     load = skewed_step_load(np.random.default_rng(0), phy2log, 10)
-    st.ingest(LoadReport(rank=0, worker_id="w0", epoch=0, first_step=0, seq=0, load=load), NOW)
+    st.ingest(LoadReport(rank=0, epoch=0, first_step=0, seq=0, load=load, **session(st, 0)), NOW)
     out = st.tick(NOW)
     plans = [o.msg for o in out if isinstance(o.msg, Plan)]
     assert plans, st.last_decision_reason
@@ -41,12 +50,13 @@ def start_plan(st: DaemonState, phy2log: torch.Tensor) -> Plan:
 
 def ready(st, plan, layers, ranks=range(G)):
     return [o.msg for r in ranks for o in st.layer_ready(
-        LayerReady(rank=r, plan_id=plan.plan_id, epoch=plan.epoch, layers=layers, worker_id=f"w{r}"), NOW)]
+        LayerReady(rank=r, plan_id=plan.plan_id, epoch=plan.epoch, layers=layers, **session(st, r)), sender(r), NOW)]
 
 
 def ack(st, plan, layers, ranks=range(G)):
     for r in ranks:
-        st.ack(Ack(rank=r, plan_id=plan.plan_id, epoch=plan.epoch, layers=layers, step=8, worker_id=f"w{r}"), NOW)
+        st.ack(Ack(rank=r, plan_id=plan.plan_id, epoch=plan.epoch, layers=layers, step=8, **session(st, r)),
+               sender(r), NOW)
 
 
 def test_duplicate_layer_ready_permits_once_and_is_not_progress():
@@ -82,13 +92,15 @@ def test_duplicate_and_reordered_acks_commit_exactly_once():
 def test_ack_for_an_old_plan_and_ready_after_abort_change_nothing():
     st, phy2log = make_state()
     plan = start_plan(st, phy2log)
-    st.worker_abort(Abort(plan_id=plan.plan_id, epoch=plan.epoch, reason="staging failed", rank=1), NOW)
+    st.worker_abort(Abort(plan_id=plan.plan_id, epoch=plan.epoch, reason="staging failed", rank=1,
+                          **session(st, 1)), sender(1), NOW)
     assert st.current_plan.state == "aborted"
     assert ready(st, plan, plan.layers) == []  # late readiness for the aborted plan
     ack(st, plan, plan.layers)
     assert st.epoch == 0 and torch.equal(st.phy2log, phy2log)
     # A duplicated Abort is idempotent too: the plan was aborted once.
-    st.worker_abort(Abort(plan_id=plan.plan_id, epoch=plan.epoch, reason="staging failed", rank=1), NOW)
+    st.worker_abort(Abort(plan_id=plan.plan_id, epoch=plan.epoch, reason="staging failed", rank=1,
+                          **session(st, 1)), sender(1), NOW)
     assert st.counters.plans["aborted"] == 1
     # The next plan is not moved by messages naming the old one.
     st.last_plan_step = -1
@@ -103,17 +115,18 @@ def test_transfer_failure_names_the_peer_as_the_failed_rank():
     st, phy2log = make_state()
     plan = start_plan(st, phy2log)
     st.worker_abort(Abort(plan_id=plan.plan_id, epoch=plan.epoch, reason="recv from rank 3 failed", rank=0,
-                          peer=3), NOW)
+                          peer=3, **session(st, 0)), sender(0), NOW)
     la = st.status(NOW).last_abort
     assert (la.plan_id, la.rank, la.reported_by, la.cause) == (plan.plan_id, 3, 0, "rank_failed")
     assert "rank 0 failed a transfer with rank 3" in la.reason and la.at > 0
+    assert la.reported_by_worker == "w0"
 
 
 def test_silent_rank_aborts_the_plan_in_flight_and_is_named():
     st, phy2log = make_state(heartbeat_timeout_s=5.0)
     plan = start_plan(st, phy2log)
     for r in (0, 1, 3):
-        st.heartbeat(r, f"w{r}", 10, NOW + 6)
+        st.heartbeat(Heartbeat(rank=r, step=10, **session(st, r)), sender(r), NOW + 6)
     out = st.tick(NOW + 6)
     assert [type(o.msg) for o in out] == [Abort] and out[0].msg.plan_id == plan.plan_id
     la = st.status(NOW + 6).last_abort
@@ -126,7 +139,7 @@ def test_registration_keeps_plan_ids_above_what_ranks_have_seen():
     st = DaemonState(s)  # a daemon that lost its state
     phy2log = initial_placement(L, E, P, G, "linear")
     for r in range(G):
-        st.register(register_msg(r, phy2log, epoch=3, last_plan_id=7 + r), f"id{r}".encode(), NOW)
+        st.register(register_msg(r, phy2log, epoch=3, last_plan_id=7 + r), sender(r), NOW)
     assert st.epoch == 3 and st.next_plan_id == 7 + G
 
 

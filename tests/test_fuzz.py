@@ -237,16 +237,16 @@ def _base_reports(enc: Encoder) -> list[list[bytes]]:
 # --- structured bad input: valid-looking, wrong in one way --------------------------------------------------
 def _bad_reports(enc: Encoder, links) -> list[tuple[str, list[bytes]]]:
     """(expected drop reason, frames) from a registered rank's own worker id, each wrong in one way."""
-    w = links[1].worker_id
+    w, session = links[1].worker_id, links[1].session
     ok = torch.ones(1, L, P, dtype=torch.int64)
 
     def rep(reason: str, **kw) -> tuple[str, list[bytes]]:
-        fields = dict(rank=1, worker_id=w, epoch=0, first_step=3, seq=10**6, load=ok)
+        fields = dict(rank=1, worker_id=w, epoch=0, first_step=3, seq=10**6, load=ok, session=session)
         fields.update(kw)
         return reason, _frames(enc, LoadReport(**fields))
 
     def raw(reason: str, ref: list, data: bytes, **kw) -> tuple[str, list[bytes]]:
-        return reason, [_header(_report_doc(w, 1, ref, seq=10**6, **kw)), data]
+        return reason, [_header(_report_doc(w, 1, ref, seq=10**6, session=session, **kw)), data]
 
     nan = torch.full((1, L, P), math.nan, dtype=torch.float32).numpy().tobytes()
     return [
@@ -257,6 +257,8 @@ def _bad_reports(enc: Encoder, links) -> list[tuple[str, list[bytes]]]:
         rep("negative", load=-ok), rep("overflow", load=ok * 2**40),
         rep("step_out_of_range", first_step=-4), rep("step_out_of_range", first_step=10**12),
         rep("duplicate", seq=0),
+        # The rank's worker id without the session its registration was given: a forged report.
+        rep("bad_session", session=""), rep("bad_session", session=session[:-1] + "x"),
         raw("malformed", _ref("float32", [1, L, P]), nan),  # NaN loads: a float tensor is no load
         raw("malformed", _ref("bool", [1, L, P]), bytes(L * P)),
         raw("malformed", _ref("complex64", [1, L, P]), bytes(8 * L * P)),
@@ -523,7 +525,8 @@ def test_decoder_refuses_a_flood_of_frames_before_looking_at_them():
 
 # --- config values ---------------------------------------------------------------------------------------------
 _WRONG_TYPE = {int: "many", float: "fast", bool: "perhaps"}
-_NAMED_BAD = {"rpc": "tcp://127.0.0.1", "ingest": "udp://x:1", "log_level": "LOUD", "policy": "nosuch"}
+_NAMED_BAD = {"rpc": "tcp://127.0.0.1", "ingest": "udp://x:1", "log_level": "LOUD", "policy": "nosuch",
+              "curve_worker_ranks": '{"node0": "7-3"}'}
 # Free-form strings: any text parses; what they name is checked when the daemon starts (see below and test_auth).
 _CHECKED_AT_START = {"metrics_host", "state_dir", "curve_secret_key_file", "curve_worker_keys_dir",
                      "curve_operator_keys_dir"}

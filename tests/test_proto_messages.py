@@ -69,22 +69,25 @@ def examples() -> list[m.MessageBase]:
             rank=1, ep_size=2, node=1, num_nodes=2, worker_id="r1-5f0c", num_layers=3,
             num_logical_experts=6, num_physical_experts=8, num_local_physical_experts=4,
             num_groups=2, epoch=4, phy2log=_phy2log(3), expert_bytes=1 << 20,
-            communicator="torch_gloo", step=100, hostname="node-b", pid=4242, last_plan_id=6, req_id=2,
+            communicator="torch_gloo", step=100, hostname="node-b", pid=4242, last_plan_id=6, session="s-1", req_id=2,
         ),  # fmt: skip
         m.Registered(
             epoch=4, phy2log=_phy2log(3), plan=_plan(), daemon_id="d-1", heartbeat_interval_s=1.0,
-            commit_interval_steps=16, req_id=2,
+            commit_interval_steps=16, session="s-1", req_id=2,
         ),  # fmt: skip
         m.LoadReport(
             rank=1, worker_id="r1-5f0c", epoch=4, first_step=96, seq=12, dropped_steps=3, layers_applied=2, req_id=5,
+            session="s-1",
             load=torch.randint(0, 1000, (4, 3, 8), dtype=torch.int32),
         ),  # fmt: skip
-        m.Heartbeat(rank=1, worker_id="r1-5f0c", step=120, epoch=4, req_id=3),
+        m.Heartbeat(rank=1, worker_id="r1-5f0c", step=120, epoch=4, session="s-1", req_id=3),
+        m.Release(rank=1, worker_id="r1-5f0c", session="s-1", req_id=4),
         _plan(),
-        m.LayerReady(rank=1, plan_id=7, epoch=3, layers=[0], worker_id="r1-5f0c", req_id=13),
+        m.LayerReady(rank=1, plan_id=7, epoch=3, layers=[0], worker_id="r1-5f0c", session="s-1", req_id=13),
         m.Commit(plan_id=7, epoch=3, layers=[0, 2], req_id=14),
-        m.Ack(rank=1, plan_id=7, epoch=3, layers=[0, 2], step=160, worker_id="r1-5f0c", req_id=15),
-        m.Abort(plan_id=7, epoch=3, reason="transfer failed", rank=1, keep_layers=[0], peer=2, req_id=16),
+        m.Ack(rank=1, plan_id=7, epoch=3, layers=[0, 2], step=160, worker_id="r1-5f0c", session="s-1", req_id=15),
+        m.Abort(plan_id=7, epoch=3, reason="transfer failed", rank=1, keep_layers=[0], peer=2, worker_id="r1-5f0c",
+                session="s-1", req_id=16),
         m.StatusRequest(req_id=20),
         m.StatusReply(
             epoch=4, step=1234, paused=True, req_id=20,
@@ -95,8 +98,8 @@ def examples() -> list[m.MessageBase]:
             daemon_id="d-1", ep_size=2, policy="default", next_rebalance_step=3000, uptime_s=12.5,
             last_commit_at=1.7e9, aborts_in_a_row=3, rebalancing_stuck=True, stuck_reason="3 aborts",
             last_abort=m.AbortInfo(plan_id=6, rank=2, reason="rank 2 sent nothing for 11.0s", at=1.7e9,
-                                   cause="rank_dead", reported_by=0, kept_layers=[1]),
-            resize=_resize_info(),
+                                   cause="rank_dead", reported_by=0, kept_layers=[1], reported_by_worker="r0-aa"),
+            resize=_resize_info(), messages_refused={"Abort:not_registered": 4},
         ),  # fmt: skip
         m.BalancednessRequest(per_layer=True, per_rank=True, req_id=21),
         m.BalancednessReply(

@@ -83,7 +83,7 @@ def test_loads_from_several_ranks_arrive_exactly(ranks):
         reporters = [LoadReporter(d.ingest, link.rank, num_layers=L, num_physical=P, batch_steps=4,
                                   flush_interval_s=0.02) for link in links]
         for link, rep in zip(links, reporters):
-            rep.set_identity(link.worker_id)
+            rep.set_identity(link.worker_id, link.session)
         total = skewed_step_load(rng, phy2log, steps)  # [steps, L, P] int64, the global load
         shares = [total // ranks + (r == 0) * (total % ranks) for r in range(ranks)]
         bufs = [torch.empty(L, P, dtype=torch.int64) for _ in range(ranks)]
@@ -127,7 +127,7 @@ def test_daemon_absent_at_first_then_registered_counts_reconcile(tmp_path):
     with DaemonThread(rpc=rpc, ingest=ingest, step_interval=10_000) as d:
         link = WorkerLink(d.rpc, d.ingest, 0)
         link.register(ep_size=1, num_layers=L, num_logical=E, num_physical=P, epoch=0, phy2log=phy2log)
-        rep.set_identity(link.worker_id)
+        rep.set_identity(link.worker_id, link.session)
         assert wait_for(lambda: rep.steps_sent == 32)
         for s in range(200, 212):
             rep.record(s, loads[s])
