@@ -212,12 +212,24 @@ def run_rank(rank: int, cfg: DemoConfig, rpc: str, ingest: str, *, stop_event: A
         raise
 
 
+def tie_to_parent() -> None:
+    """In a process ``eplbd demo`` spawned: get SIGTERM when the demo exits, even by SIGKILL (as
+    ``eplbd launch``'s children do), and leave at once if it is gone already."""
+    from eplbd.launch import die_with_parent
+
+    die_with_parent()
+    parent = mp.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)
+
+
 def _worker(rank: int, cfg: DemoConfig, port: int, rpc: str, ingest: str, out_q: Any, stop_event: Any = None,
             step_value: Any = None) -> None:
     import datetime
 
     import torch.distributed as dist
 
+    tie_to_parent()  # a rank blocked in a collective would otherwise outlive a killed demo forever
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg.ranks,
                                 timeout=datetime.timedelta(seconds=cfg.collective_timeout_s))
