@@ -180,8 +180,8 @@ class DaemonSettings(EplbConfig):
             return value  # None, or pydantic's own type error
         out = {}
         for name, spec in value.items():
-            ranks = parse_ranks(spec)
-            out[str(name)] = ",".join(map(str, sorted(ranks)))
+            parse_ranks(spec)  # ValueError naming the bad part
+            out[str(name)] = ",".join(map(str, spec)) if isinstance(spec, list) else str(spec)
         return out
 
     @field_validator("log_level")
