@@ -31,7 +31,7 @@ import zmq.asyncio
 from eplbd.chaos import MessageChaos
 from eplbd.auth import (INGEST_DOMAIN, OPERATOR, RPC_DOMAIN, WORKER, CurveSetup, ZapAuthenticator, authorize,
                         load_curve, warn_if_exposed)
-from eplbd.errors import ConfigError, EplbdError, PermissionDeniedError, ProtocolError
+from eplbd.errors import ConfigError, EplbdError, PermissionDeniedError, ProtocolError, UnavailableError
 from eplbd.metrics import MetricsServer
 from eplbd.observe import DaemonMetrics
 from eplbd.proto import (PROTOCOL_VERSION, REQUEST_TYPES, Abort, Ack, BalancednessRequest, ConfigReply, Decoder,
@@ -51,6 +51,7 @@ TICK_S = 0.05
 METRICS_REFRESH_S = 1.0
 MALFORMED_LOG_INTERVAL_S = 1.0
 INGEST_BATCH = 32  # reports drained per wake-up (~0.4 ms each at DSV3 scale): bounds the RPC wait under load
+MAX_PENDING = 8  # requests waiting on the executor (rebalance, resize, dump); more are refused as unavailable
 
 
 class _Later:
@@ -312,7 +313,11 @@ class Daemon:
                 continue
             identity, body = frames[0].bytes, frames[1:]
             result = self._handle(identity, body, self._user_id(body[0]))
-            if isinstance(result, _Later):
+            if isinstance(result, _Later) and len(self._pending) >= MAX_PENDING:
+                self._send(identity, ErrorReply.from_exc(UnavailableError(
+                    f"{MAX_PENDING} requests are already being computed (rebalance, resize, dump); retry"),
+                    req_id=result.req_id))
+            elif isinstance(result, _Later):
                 task = asyncio.create_task(self._answer_later(identity, result))
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)

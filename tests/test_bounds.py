@@ -6,14 +6,18 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
+import zmq
 
 from daemon_helpers import E, G, L, P, DaemonThread, make_ranks, skewed_step_load, wait_for
 from eplbd import errors
 from eplbd.client.rpc import EplbClient
 from eplbd.client.worker import WorkerLink
 from eplbd.policy import initial_placement
+from eplbd.proto import Decoder, Encoder, ErrorReply, ResizeReply, ResizeRequest, make_socket
+from eplbd.server import MAX_PENDING
 from eplbd.window import LoadWindow, window_bytes
 
 
@@ -55,7 +59,7 @@ def test_a_giant_first_registration_is_refused_naming_the_bound_before_allocatin
 def test_resize_beyond_max_ep_size_is_refused_at_once_and_window_size_beyond_the_budget_too():
     with DaemonThread(step_interval=100_000, max_experts=2000, window_memory_bytes=16 << 20) as d:
         links, phy2log = make_ranks(d)
-        links[0].send_report(0, skewed_step_load(__import__("numpy").random.default_rng(0), phy2log, 5), 0)
+        links[0].send_report(0, skewed_step_load(np.random.default_rng(0), phy2log, 5), 0)
         assert wait_for(lambda: d.state.window.fill == 5)
         with EplbClient(d.rpc, timeout=5) as c:
             t0 = time.monotonic()
@@ -125,5 +129,35 @@ def test_status_answers_within_a_second_while_a_large_resize_is_planned():
         # The planning took long enough that a blocked loop would have shown; status kept answering.
         assert during >= 5, f"only {during} status replies during a {took:.2f}s resize"
         assert worst < 1.0, f"status took {worst:.2f}s during a {took:.2f}s resize"
+        for link in links:
+            link.close()
+
+
+def test_requests_waiting_on_the_executor_are_bounded():
+    layers = 16
+    phy2log = initial_placement(layers, E, P, G, "linear")
+    with DaemonThread(step_interval=100_000, max_ep_size=4096, max_experts=8192) as d:
+        links = [WorkerLink(d.rpc, d.ingest, r, timeout=5) for r in range(G)]
+        for link in links:
+            link.register(ep_size=G, num_layers=layers, num_logical=E, num_physical=P, epoch=0, phy2log=phy2log)
+        ctx = zmq.Context()
+        dealer = make_socket(ctx, zmq.DEALER, connect=d.rpc, linger_ms=0)
+        try:
+            n = MAX_PENDING + 4
+            enc, dec = Encoder(), Decoder()
+            for i in range(n):  # dry runs: each plans a 1500-rank group in the executor
+                dealer.send_multipart(enc.encode(ResizeRequest(mapping=[0, 1, 2, 3], ep_size=1500, dry_run=True,
+                                                               req_id=i + 1)))
+            replies = []
+            for _ in range(n):
+                assert dealer.poll(120_000)
+                replies.append(dec.decode(dealer.recv_multipart()))
+        finally:
+            dealer.close(linger=0)
+            ctx.term()
+        busy = [r for r in replies if isinstance(r, ErrorReply)]
+        assert len(busy) == n - MAX_PENDING and all(r.name == "unavailable" for r in busy)
+        assert sum(isinstance(r, ResizeReply) and r.dry_run for r in replies) == MAX_PENDING
+        assert d.state.epoch == 0 and d.state.topo.num_gpus == G
         for link in links:
             link.close()
