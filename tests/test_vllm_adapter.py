@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import re
 import socket
 import time
 import traceback
@@ -28,7 +29,8 @@ from daemon_helpers import DaemonThread, wait_for
 from eplbd.client.rpc import EplbClient
 from eplbd.demo import DEFAULT_TRACE
 from eplbd.errors import InvalidArgumentError
-from eplbd.integrations.vllm import EplbdWorkerExtension, agent_options, install_step_hook
+from eplbd.integrations.vllm import (ZERO_LOAD_WARN_STEPS, Binding, EplbdWorkerExtension, agent_options,
+                                     check_vllm_version, logical_digests, slot_digests)
 from eplbd.policy import derive_log2phy, initial_placement
 from eplbd.refmodel import RefMoEConfig, RefMoEModel
 from eplbd.trace import load_trace
@@ -330,14 +332,13 @@ def test_extension_streams_load_commits_plans_and_keeps_outputs(tmp_path):
 @pytest.mark.parametrize("overrides,match", [
     ({"enable_eplb": False}, "--enable-eplb"),
     ({"enable_expert_parallel": False}, "--enable-expert-parallel"),
-    ({"eplb_config": types.SimpleNamespace(use_async=True)}, "use_async to false"),
     ({"pipeline_parallel_size": 2}, "pipeline_parallel_size must be 1, got 2"),
 ])
 def test_refuses_vllm_configs_it_cannot_serve(overrides, match):
     worker = make_worker(0, 1, None, **overrides)
     with pytest.raises(InvalidArgumentError, match=match):
         worker.eplbd_start(rpc="tcp://127.0.0.1:1", ingest="tcp://127.0.0.1:2")
-    assert worker.eplbd_stats() == {"running": False, "steps": 0, "hooked": ""}
+    assert worker.eplbd_stats() == {"running": False, "steps": 0, "hooked": "", "vllm_eplb_use_async": False}
     assert worker.model_runner.eplb_step.__func__ is StandInRunner.eplb_step  # nothing was hooked
 
 
@@ -369,19 +370,88 @@ def test_options_come_from_the_environment_and_parse():
         agent_options({"use_async": "maybe"}, {})
 
 
-def test_hook_wraps_execute_model_when_the_runner_has_no_eplb_step():
-    calls = []
+def test_a_runner_without_an_eplb_step_is_refused_before_anything_starts(monkeypatch):
+    """Wrapping execute_model instead would miss the dummy steps of idle DP ranks and leave vLLM's balancer
+    running: refused by name, nothing connected, nothing hooked."""
+    worker = make_worker(0, 1, None)
 
     class OldRunner:
-        def execute_model(self, batch):
-            calls.append(("forward", batch))
-            return batch * 2
+        model = worker.model_runner.model
 
-    runner = OldRunner()
-    assert install_step_hook(runner, lambda: calls.append(("hook",))) == "execute_model"
-    assert runner.execute_model(3) == 6 and calls == [("forward", 3), ("hook",)]
+        def execute_model(self, batch):
+            return batch
+
+    worker.model_runner = OldRunner()
+    with pytest.raises(InvalidArgumentError, match="OldRunner has neither eplb_step .* nor eplb.step"):
+        worker.eplbd_start(rpc="tcp://127.0.0.1:1", ingest="tcp://127.0.0.1:2")
+    assert worker.eplbd_stats()["running"] is False
+
+
+@pytest.mark.parametrize("version,ok", [("0.32.0", True), ("0.33.1", True), ("0.32.0rc2.dev5+g1234", True),
+                                        ("0.31.1", False), ("0.34.0", False), ("1.0.0", False), ("nightly", False)])
+def test_vllm_version_outside_the_supported_range_is_refused_by_name(version, ok):
+    if ok:
+        check_vllm_version(version, env={})
+        return
+    with pytest.raises(InvalidArgumentError, match=rf"supports vLLM 0\.32\.x, 0\.33\.x; this is vLLM {re.escape(version)}"):
+        check_vllm_version(version, env={})
+    check_vllm_version(version, env={"EPLBD_ALLOW_UNTESTED_VLLM": "1"})  # the escape hatch: a warning
+
+
+def test_a_load_view_that_stays_empty_while_serving_is_reported(caplog):
+    """vLLM steps with tokens but no MoE layer counts any (a reset should-record flag, an unmapped router):
+    the binding says so once past ZERO_LOAD_WARN_STEPS, and again when counting resumes; dummy steps
+    (idle DP ranks, no tokens) do not count as silent."""
+    view = torch.zeros((2, 4), dtype=torch.int64)
+    agent = types.SimpleNamespace(load_view=view, rank=3, after_step=lambda step: None,
+                                  stats=types.SimpleNamespace(layers_applied=0))
+    binding = Binding(agent, None, [view])
+    caplog.set_level("WARNING", logger="eplbd.vllm")
+    for _ in range(ZERO_LOAD_WARN_STEPS - 1):
+        binding.step()
+    for _ in range(10):
+        binding.step(is_dummy=True)
+    assert binding.silent_steps == ZERO_LOAD_WARN_STEPS - 1 and not caplog.records
+    binding.step()
+    binding.step()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"rank 3: {ZERO_LOAD_WARN_STEPS} forward steps in a row counted no token in any MoE layer: the load view is "
+        "not being written (is vLLM's should-record flag off, or its router not mapping through the EPLB tensors?); "
+        "eplbd has nothing to balance on"]
+    view[1, 2] = 5
+    binding.step()
+    assert binding.silent_steps == 0 and "count tokens again after 65 silent steps" in caplog.records[-1].getMessage()
 
 
 def test_extension_names_cannot_clash_with_vllm_worker_attributes():
     public = [a for a in dir(EplbdWorkerExtension) if not a.startswith("__")]
     assert public and all(a.startswith("eplbd_") for a in public), public
+
+
+def test_weight_fingerprints_catch_a_slot_that_did_not_move_with_its_expert():
+    """``eplbd_snapshot_weights`` / ``eplbd_verify_weights`` on one rank of two: the table is built from every
+    rank's slots; after a move the slot must hold the expert phy2log names, every tensor byte for byte."""
+    torch.manual_seed(0)
+    experts = [[torch.randn(4, 3, 2), torch.randn(4, 5).to(torch.bfloat16)]]  # 1 layer, 4 logical experts
+    phy2log = torch.tensor([[0, 1, 2, 3, 0, 1]])  # 2 ranks x 3 slots; slots 4, 5 replicate experts 0, 1
+    rank_slots = [[t[phy2log[0, r * 3:(r + 1) * 3]].clone() for t in experts[0]] for r in range(2)]
+    slots = torch.cat([slot_digests([rank_slots[r]]) for r in range(2)], dim=1)
+    table, disagree = logical_digests(slots, phy2log, 4)
+    assert disagree == [] and torch.equal(table[0, 0], slots[0, 4])
+    rank_slots[1][1][2, 0] += 1  # a replica corrupted before eplbd ever ran
+    bad = torch.cat([slot_digests([rank_slots[r]]) for r in range(2)], dim=1)
+    assert logical_digests(bad, phy2log, 4)[1] == ["layer 0 slot 5: replica of expert 1 differs from its first replica"]
+
+    worker = EplbdWorkerExtension()
+    live = [[t.clone() for t in rank_slots[0]]]  # rank 0 holds experts 0, 1, 2
+    agent = types.SimpleNamespace(model=types.SimpleNamespace(expert_weights=live), phy2log=phy2log.clone(), rank=0,
+                                  num_local=3, epoch=1)
+    worker._eplbd_binding = Binding(agent, None, [], digests=table)
+    assert worker.eplbd_verify_weights()["verified"]
+    # a commit put expert 3 in slot 2 but only its first tensor moved: the bf16 one still holds expert 2's
+    agent.phy2log[0, 2] = 3
+    live[0][0][2] = experts[0][0][3]
+    assert worker.eplbd_verify_weights()["mismatches"] == ["layer 0 slot 2: not expert 3"]
+    live[0][1][2] = experts[0][1][3]
+    assert worker.eplbd_verify_weights() == {"rank": 0, "epoch": 1, "verified": True, "slots_checked": 3,
+                                             "mismatches": []}

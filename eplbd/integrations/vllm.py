@@ -16,16 +16,22 @@ placement tensors (``logical_to_physical_map``, ``logical_replica_count``) and c
 slot into the load view, and the agent streams that load to the daemon and applies its plans
 (weights and placement tensors, in place) at step boundaries all ranks agree on.
 
-**Why vLLM's EPLB must be enabled, and how it is kept off.** In vLLM only the EPLB code path
-makes the MoE layers map logical to physical experts and record load (``enable_eplb`` decides it
-per layer), and ``num_redundant_experts > 0`` is rejected without it. So the adapter requires
-``--enable-eplb`` and then takes over the one place vLLM runs its balancer: the model runner's
-``eplb_step(is_dummy, is_profile)``, which vLLM calls after every forward step, dummy steps of
-idle data-parallel ranks included, on every EP rank in lockstep. The replacement records the
-step's load, runs the agent's in-band commit and zeroes the view; ``EplbState.step`` never runs
-again, so vLLM never rearranges anything. The placement to start from is read from vLLM's
-``EplbState`` (what the weights were loaded in). A runner without ``eplb_step`` gets its
-``execute_model`` wrapped instead (dummy steps then go unseen, so use it only without idle ranks).
+**Why vLLM's EPLB must be enabled, and how its balancer is kept off.** In vLLM only the EPLB code
+path makes the MoE layers map logical to physical experts and record load (``enable_eplb`` decides
+it per layer), and ``num_redundant_experts > 0`` is rejected without it. So the adapter requires
+``--enable-eplb`` and takes over the one call through which vLLM runs its balancer after every
+forward step, dummy steps of idle data-parallel ranks included, on every EP rank in lockstep:
+
+- Model Runner V1 (``GPUModelRunner``, and ``CPUModelRunner``): the runner's
+  ``eplb_step(is_dummy, is_profile)``;
+- Model Runner V2 (vLLM's GPU default since 0.33): ``runner.eplb.step(is_dummy, is_profile)`` on its
+  ``EPLBController``, which ``execute_model`` and ``_dummy_run`` call through ``step_eplb_after``.
+
+The replacement records the step's load, runs the agent's in-band commit and zeroes the load;
+``EplbState.step`` never runs again, so vLLM never rearranges, never signals its async worker
+(``use_async``, vLLM's default, is therefore harmless: the thread waits for a rearrangement that
+never comes) and never resets the layers' should-record flag. A runner with neither call is
+refused by name. The placement to start from is read from vLLM's ``EplbState``.
 
 **vLLM's tensors stay the ones the layers use.** CUDA graphs captured at start-up read the
 placement and add to ``expert_load_pass`` at the addresses of vLLM's own tensors. So once the
@@ -34,18 +40,27 @@ copies vLLM's load pass into the agent's view every step and the agent's placeme
 tensors, in place, whenever a commit applied layers: the weights move in the same step boundary,
 so no forward sees one without the other.
 
-Requirements checked by ``eplbd_start`` (each refusal names the setting to change):
-``enable_expert_parallel`` and ``enable_eplb`` on, ``eplb_config.use_async`` off (eplbd stages
-asynchronously itself), one EP group spanning the whole torch.distributed world (no pipeline
-parallelism), and a model with the ``MixtureOfExperts`` surface.
+**Staging memory.** vLLM allocates one layer of expert buffer per model (``EplbModelState.expert_buffer``)
+before it profiles memory and sizes the KV cache. Its balancer never runs under eplbd, so the agent
+stages into that buffer: with the default budget (one layer) eplbd adds no memory vLLM did not
+count. A larger ``staging_budget_bytes`` allocates the rest after the KV cache was sized: lower
+``--gpu-memory-utilization`` by that much (``eplbd_stats()["staging_allocated_bytes"]`` says how much).
+
+Requirements checked by ``eplbd_start`` (each refusal names the setting to change): a vLLM in
+``SUPPORTED_VLLM``, ``enable_expert_parallel`` and ``enable_eplb`` on, one EP group spanning the
+whole torch.distributed world (no pipeline parallelism), a model with the ``MixtureOfExperts``
+surface, and a runner with one of the two step calls above.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
-from typing import Any, Callable
+import re
+import sys
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -53,6 +68,13 @@ from eplbd.errors import InvalidArgumentError
 
 log = logging.getLogger("eplbd.vllm")
 
+# vLLM releases whose worker, runners and EplbState this adapter was written against (and tested on:
+# 0.32 on CPU in CI, the V2 hook against 0.32's classes). Outside it eplbd_start refuses unless
+# EPLBD_ALLOW_UNTESTED_VLLM=1, which turns the refusal into a warning.
+SUPPORTED_VLLM = ((0, 32), (0, 33))
+ALLOW_UNTESTED_ENV = "EPLBD_ALLOW_UNTESTED_VLLM"
+# Non-dummy steps in a row with no token counted before the adapter says the load view is dead.
+ZERO_LOAD_WARN_STEPS = 64
 MOE_SURFACE = ("expert_weights", "num_moe_layers", "num_logical_experts", "num_physical_experts",
                "num_local_physical_experts", "num_redundant_experts", "num_expert_groups", "set_eplb_state")
 # eplbd_start keyword -> how to parse it when it arrives as a string (vLLM's HTTP collective_rpc
@@ -109,13 +131,28 @@ def check_parallel_config(parallel_config: Any) -> None:
             "eplbd needs vLLM's EPLB code path (--enable-eplb): without it vLLM's MoE layers neither route "
             "through the placement tensors nor count tokens per slot, and redundant experts are refused. "
             "The adapter takes over vLLM's eplb_step, so vLLM's own balancer never runs")
-    eplb = getattr(parallel_config, "eplb_config", None)
-    if getattr(eplb, "use_async", False):
-        raise InvalidArgumentError("eplbd stages transfers asynchronously itself: set use_async to false in "
-                                   "--eplb-config (vLLM's async EPLB thread must not run)")
     if getattr(parallel_config, "pipeline_parallel_size", 1) != 1:
         raise InvalidArgumentError("eplbd needs one EP group spanning every rank: pipeline_parallel_size must be 1, "
                                    f"got {parallel_config.pipeline_parallel_size}")
+
+
+def check_vllm_version(version: str, env: dict[str, str] | None = None) -> None:
+    """Refuse a vLLM outside ``SUPPORTED_VLLM`` (a warning instead with ``EPLBD_ALLOW_UNTESTED_VLLM=1``).
+
+    Raises:
+        InvalidArgumentError: naming the version found and the supported range.
+    """
+    env = os.environ if env is None else env
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match and (int(match[1]), int(match[2])) in SUPPORTED_VLLM:
+        return
+    supported = ", ".join(f"{a}.{b}.x" for a, b in SUPPORTED_VLLM)
+    message = (f"eplbd's vLLM adapter supports vLLM {supported}; this is vLLM {version}. Its worker, model "
+               f"runner and EplbState may differ: set {ALLOW_UNTESTED_ENV}=1 to try it anyway")
+    if env.get(ALLOW_UNTESTED_ENV, "") in ("1", "true", "yes"):
+        log.warning("%s (trying, as %s is set)", message, ALLOW_UNTESTED_ENV)
+        return
+    raise InvalidArgumentError(message)
 
 
 def find_moe_model(model: Any) -> Any:
@@ -169,36 +206,85 @@ def keep_engine_tensors(eplb_state: Any, model: Any, engine: Any) -> None:
 
     CUDA graphs captured at start-up read the placement and write the load at the addresses of
     vLLM's tensors, so those must stay the ones every path uses; the agent's are mirrored into
-    them (``Binding``). Recent vLLM also gates recording on a shared flag that only
-    ``EplbState.step`` updates: it is propagated to the layers again and set for good.
+    them (``Binding``). vLLM gates recording on a should-record flag shared by all layers that only
+    ``EplbState.step`` updates (and that step never runs again): it is shared with the layers again
+    (``_propagate_shared_tensors`` since 0.32, ``_init_should_record_tensor`` before) and set for good.
     """
     model.set_eplb_state(engine.expert_load_pass, engine.logical_to_physical_map, engine.logical_replica_count)
-    propagate = getattr(eplb_state, "_init_should_record_tensor", None)
-    if callable(propagate):
-        propagate(model)
+    propagate = getattr(eplb_state, "_propagate_shared_tensors", None)
+    tokens = getattr(engine, "num_unpadded_tokens_tensors", None)
+    if callable(propagate) and tokens is not None:
+        propagate(model, tokens)
+    elif callable(getattr(eplb_state, "_init_should_record_tensor", None)):
+        eplb_state._init_should_record_tensor(model)
     flag = getattr(eplb_state, "should_record_tensor", None)
     if isinstance(flag, torch.Tensor):
         flag.fill_(True)
 
 
-def install_step_hook(runner: Any, hook: Callable[..., None]) -> str:
-    """Make ``hook(is_dummy=False, is_profile=False)`` run after every forward step of ``runner``.
+def step_hook_target(runner: Any) -> str:
+    """Which call of ``runner`` runs vLLM's EPLB step after every forward step, dummy steps included.
 
-    Replaces the runner's ``eplb_step`` (an instance attribute, so the class is untouched); a runner
-    without one gets ``execute_model`` wrapped. Returns which: ``"eplb_step"`` or ``"execute_model"``.
+    Returns:
+        ``"eplb.step"`` (Model Runner V2's ``EPLBController``) or ``"eplb_step"`` (V1).
+
+    Raises:
+        InvalidArgumentError: the runner has neither (a vLLM the adapter does not know how to drive).
     """
+    controller = getattr(runner, "eplb", None)
+    if controller is not None and callable(getattr(controller, "step", None)) and hasattr(controller, "state"):
+        return "eplb.step"
     if callable(getattr(runner, "eplb_step", None)):
-        runner.eplb_step = hook
         return "eplb_step"
-    original = runner.execute_model
+    raise InvalidArgumentError(
+        f"{type(runner).__name__} has neither eplb_step (Model Runner V1) nor eplb.step (Model Runner V2): eplbd "
+        "cannot see its steps or keep vLLM's balancer off. Use a supported vLLM "
+        f"({', '.join(f'{a}.{b}.x' for a, b in SUPPORTED_VLLM)}); VLLM_USE_V2_MODEL_RUNNER selects the runner")
 
-    def execute_model(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        hook()
-        return out
 
-    runner.execute_model = execute_model
-    return "execute_model"
+def install_step_hook(runner: Any, hook: Callable[..., None]) -> str:
+    """Make ``hook(is_dummy=False, is_profile=False)`` run instead of vLLM's EPLB step (``step_hook_target``);
+    instance attributes, so the classes are untouched. Returns: the target replaced."""
+    target = step_hook_target(runner)
+    if target == "eplb.step":
+        runner.eplb.step = hook
+    else:
+        runner.eplb_step = hook
+    return target
+
+
+def slot_digests(weights: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """Fingerprints of this rank's expert slots: ``[layers, num_local, 16]`` uint8, a BLAKE2b digest of the
+    bytes of every tensor of the slot (``weights[layer][t]`` is ``[num_local, ...]``, any dtype or device)."""
+    out = torch.empty((len(weights), weights[0][0].shape[0], 16), dtype=torch.uint8)
+    for layer, tensors in enumerate(weights):
+        for j in range(out.shape[1]):
+            h = hashlib.blake2b(digest_size=16)
+            for t in tensors:
+                h.update(t[j].detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+            out[layer, j] = torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
+    return out
+
+
+def logical_digests(slots: torch.Tensor, phy2log: torch.Tensor, num_logical: int) -> tuple[torch.Tensor, list[str]]:
+    """Each logical expert's fingerprint from every slot's (``slots`` ``[layers, num_physical, 16]``, gathered
+    from all ranks) under the placement ``phy2log`` ``[layers, num_physical]``.
+
+    Returns:
+        ``[layers, num_logical, 16]`` and the replicas that disagree with their expert's first replica.
+    """
+    L, P = phy2log.shape
+    table = torch.zeros((L, num_logical, 16), dtype=torch.uint8)
+    seen = torch.zeros((L, num_logical), dtype=torch.bool)
+    disagree = []
+    for layer in range(L):
+        for slot in range(P):
+            e = int(phy2log[layer, slot])
+            if not seen[layer, e]:
+                table[layer, e], seen[layer, e] = slots[layer, slot], True
+            elif not torch.equal(table[layer, e], slots[layer, slot]):
+                disagree.append(f"layer {layer} slot {slot}: replica of expert {e} differs from its first replica")
+    return table, disagree
 
 
 @dataclasses.dataclass
@@ -209,6 +295,11 @@ class Binding:
         engine: vLLM's EPLB tensors for this model (``engine_state``), which the model's layers use;
             None when the runner has no ``EplbState`` (then the layers use the agent's tensors).
         loads: every load tensor vLLM's layers add to (drafter models included): zeroed each step.
+        silent_steps: non-dummy steps in a row in which the layers counted no token (vLLM ran a
+            forward with tokens, so the load view is not being written: a warning past
+            ``ZERO_LOAD_WARN_STEPS``; the daemon flags the same from the reports).
+        digests: ``[layers, num_logical, 16]`` uint8 fingerprints of every logical expert's tensors,
+            gathered from all ranks by ``eplbd_snapshot_weights`` (None before).
     """
 
     agent: Any
@@ -217,6 +308,9 @@ class Binding:
     hooked: str = ""
     steps: int = 0
     dummy_steps: int = 0
+    silent_steps: int = 0
+    digests: torch.Tensor | None = None
+    gather_group: Any = None
     _applied: int = 0
 
     def step(self, is_dummy: bool = False, is_profile: bool = False) -> None:
@@ -235,6 +329,8 @@ class Binding:
             if is_dummy:
                 agent.load_view.zero_()
                 self.dummy_steps += 1
+            else:
+                self._watch_load(bool(agent.load_view.any()))
             agent.after_step(self.steps)
             if self.engine is not None and agent.stats.layers_applied != self._applied:
                 self._applied = agent.stats.layers_applied
@@ -243,6 +339,20 @@ class Binding:
         for t in self.loads:
             t.zero_()
         self.steps += 1
+
+    def _watch_load(self, counted: bool) -> None:
+        if counted:
+            if self.silent_steps >= ZERO_LOAD_WARN_STEPS:
+                log.warning("rank %d: the MoE layers count tokens again after %d silent steps",
+                            self.agent.rank, self.silent_steps)
+            self.silent_steps = 0
+            return
+        self.silent_steps += 1
+        if self.silent_steps == ZERO_LOAD_WARN_STEPS:
+            log.warning("rank %d: %d forward steps in a row counted no token in any MoE layer: the load view "
+                        "is not being written (is vLLM's should-record flag off, or its router not mapping "
+                        "through the EPLB tensors?); eplbd has nothing to balance on", self.agent.rank,
+                        self.silent_steps)
 
     def mirror(self) -> None:
         """Copy the agent's placement tensors into vLLM's, in place (vLLM's ``log2phy`` may be wider)."""
@@ -259,11 +369,19 @@ class Binding:
         s = dataclasses.asdict(a.stats)
         s.pop("apply_s"), s.pop("stage_s")
         return {"running": True, "rank": a.rank, "ep_size": a.ep_size, "epoch": a.epoch, "steps": self.steps,
-                "dummy_steps": self.dummy_steps, "hooked": self.hooked, "communicator": a.communicator,
+                "dummy_steps": self.dummy_steps, "silent_steps": self.silent_steps, "hooked": self.hooked,
+                "communicator": a.communicator, "staging_allocated_bytes": a.staging_allocated_bytes,
                 "phy2log": a.phy2log.cpu().tolist(),
                 "reporter": {"recorded": a.reporter.steps_recorded, "sent": a.reporter.steps_sent,
                              "dropped": a.reporter.steps_dropped},
                 "max_apply_ms": round(max(a.stats.apply_s, default=0.0) * 1e3, 3), **s}
+
+
+def _started(worker: Any, method: str) -> Binding:
+    binding = getattr(worker, "_eplbd_binding", None)
+    if binding is None or binding.agent is None:
+        raise InvalidArgumentError(f"{method}: eplbd is not running on this worker (call eplbd_start first)")
+    return binding
 
 
 class EplbdWorkerExtension:
@@ -294,7 +412,11 @@ class EplbdWorkerExtension:
         from eplbd.client.agent import PlacementAgent
 
         runner = self.model_runner
+        vllm = sys.modules.get("vllm")
+        if vllm is not None:
+            check_vllm_version(getattr(vllm, "__version__", "unknown"))
         check_parallel_config(self.vllm_config.parallel_config)
+        step_hook_target(runner)
         rpc, ingest = rpc or os.environ.get("EPLBD_RPC"), ingest or os.environ.get("EPLBD_INGEST")
         if not rpc or not ingest:
             raise InvalidArgumentError("eplbd_start needs the daemon's endpoints: pass rpc= and ingest= or set "
@@ -308,8 +430,13 @@ class EplbdWorkerExtension:
                                        f"{ep_size}, world {world}")
         eplb_state = getattr(runner, "eplb_state", None)
         engine = engine_state(eplb_state, model)
+        # vLLM's own expert buffer (counted before the KV cache was sized) stages eplbd's transfers;
+        # by default nothing more is allocated (see "Staging memory" above).
+        buffers = [engine.expert_buffer] if isinstance(getattr(engine, "expert_buffer", None), list) else []
+        if buffers:
+            kwargs.setdefault("staging_budget_bytes", sum(t.nbytes for t in model.expert_weights[0]))
         agent = PlacementAgent(model, rank=dist.get_rank(), ep_size=ep_size, rpc=rpc, ingest=ingest,
-                               phy2log=current_placement(model, engine, ep_size), **kwargs)
+                               phy2log=current_placement(model, engine, ep_size), staging_buffers=buffers, **kwargs)
         loads = [h.expert_load_pass for h in _holders(eplb_state)] or [agent.load_view]
         binding = self._eplbd_binding = Binding(agent, engine, loads)
         if engine is not None:
@@ -330,7 +457,52 @@ class EplbdWorkerExtension:
     def eplbd_stats(self) -> dict[str, Any]:
         """This rank's counters: epoch, steps, plans, layers applied, load steps recorded/sent/dropped."""
         binding = getattr(self, "_eplbd_binding", None)
-        return {"running": False, "steps": 0, "hooked": ""} if binding is None else binding.stats()
+        stats = {"running": False, "steps": 0, "hooked": ""} if binding is None else binding.stats()
+        eplb = getattr(getattr(self, "vllm_config", None), "parallel_config", None)
+        stats["vllm_eplb_use_async"] = bool(getattr(getattr(eplb, "eplb_config", None), "use_async", False))
+        return stats
+
+    def eplbd_snapshot_weights(self) -> dict[str, Any]:
+        """Fingerprint every logical expert's weights as they are now, for ``eplbd_verify_weights``.
+        Collective (gathers every rank's slots over gloo); run it once after ``eplbd_start``.
+
+        Returns:
+            ``{"rank", "experts", "disagreeing_replicas"}``: replicas of one expert that already differ
+            (should be empty: each would be a corrupted copy from before eplbd).
+        """
+        import torch.distributed as dist
+
+        binding = _started(self, "eplbd_snapshot_weights")
+        agent = binding.agent
+        local = slot_digests(agent.model.expert_weights)
+        if binding.gather_group is None:
+            binding.gather_group = dist.new_group(backend="gloo")
+        parts = [torch.empty_like(local) for _ in range(agent.ep_size)]
+        dist.all_gather(parts, local, group=binding.gather_group)
+        binding.digests, disagree = logical_digests(torch.cat(parts, dim=1), agent.phy2log.cpu(),
+                                                    agent.model.num_logical_experts)
+        return {"rank": agent.rank, "experts": int(binding.digests.shape[0] * binding.digests.shape[1]),
+                "disagreeing_replicas": disagree}
+
+    def eplbd_verify_weights(self, max_reported: int = 20) -> dict[str, Any]:
+        """Check that every local slot holds the weights of the logical expert ``phy2log`` names, as
+        fingerprinted by ``eplbd_snapshot_weights`` (every tensor of the expert, byte for byte).
+
+        Returns:
+            ``{"rank", "epoch", "verified", "slots_checked", "mismatches"}`` (up to ``max_reported``).
+        """
+        binding = _started(self, "eplbd_verify_weights")
+        if binding.digests is None:
+            raise InvalidArgumentError("eplbd_verify_weights: call eplbd_snapshot_weights first (it fingerprints "
+                                       "the experts to check against)")
+        agent = binding.agent
+        now, n = slot_digests(agent.model.expert_weights), agent.num_local
+        phy2log = agent.phy2log.cpu()
+        bad = [f"layer {layer} slot {agent.rank * n + j}: not expert {int(phy2log[layer, agent.rank * n + j])}"
+               for layer in range(now.shape[0]) for j in range(n)
+               if not torch.equal(now[layer, j], binding.digests[layer, phy2log[layer, agent.rank * n + j]])]
+        return {"rank": agent.rank, "epoch": agent.epoch, "verified": not bad, "slots_checked": now.shape[0] * n,
+                "mismatches": bad[:max_reported]}
 
     def eplbd_stop(self) -> dict[str, Any]:
         """Disconnect from eplbd; the last placement keeps serving and vLLM's balancer stays off (its maps
