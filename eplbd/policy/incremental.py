@@ -31,10 +31,9 @@ A second family of options starts instead from the *projection* of the placement
 force onto the full re-plan's replica counts per node (its nodes relabelled to keep
 the most; one zone when global): every slot keeps its expert while its node still
 wants a copy, the freed slots take the missing replicas heaviest first, and steps 1-3
-then repair that (computed only for layers whose repair from the placement in force
-does not reach the re-plan's balancedness for fewer moves than the projection costs;
-after a large shift in the hierarchical case, whole groups must change nodes, which
-only the projection and the re-plan do). A layer's last option is the full re-plan
+then repair that (both paths are searched together, as two rows per layer of one
+layout; after a large shift in the hierarchical case, whole groups must change nodes,
+which only the projection and the re-plan do). A layer's last option is the full re-plan
 itself, its ranks relabelled to keep what they hold. The budget picks one option per layer, buying the most balancedness per
 moved slot first (a Lagrangian price per slot, bisected):
 
@@ -161,12 +160,25 @@ class _Layout:
         self.refresh()
         self.mean = self.R.mean(axis=1)
 
-    def refresh(self) -> None:
-        """Replica counts, per-replica loads and rank loads from ``phy``."""
-        flat = (self.phy + self.lay[:, None] * self.E).ravel()
-        self.cnt = np.bincount(flat, minlength=self.L * self.E).reshape(self.L, self.E)
-        self.q = self.w / np.maximum(self.cnt, 1)
-        self.R = np.take_along_axis(self.q, self.phy, axis=1).reshape(self.L, self.G, self.S).sum(axis=2)
+    def set_phy(self, phy: np.ndarray) -> None:
+        """Start the repair from ``phy`` (moves still counted from ``old``)."""
+        self.phy = phy
+        self.holds = _copies(phy, self.G, self.E)
+        self.refresh()
+
+    def refresh(self, rows: np.ndarray | None = None) -> None:
+        """Replica counts, per-replica loads and rank loads from ``phy`` (of the rows ``rows``, distinct; all
+        if None)."""
+        if rows is None:
+            rows = self.lay
+        phy, n = self.phy[rows], len(rows)
+        cnt = np.bincount((phy + np.arange(n)[:, None] * self.E).ravel(), minlength=n * self.E).reshape(n, self.E)
+        q = self.w[rows] / np.maximum(cnt, 1)
+        R = np.take_along_axis(q, phy, axis=1).reshape(n, self.G, self.S).sum(axis=2)
+        if n == self.L:
+            self.cnt, self.q, self.R = cnt, q, R
+        else:
+            self.cnt[rows], self.q[rows], self.R[rows] = cnt, q, R
 
     def balancedness(self, peak: np.ndarray | None = None) -> np.ndarray:
         peak = self.R.max(axis=1) if peak is None else peak
@@ -211,7 +223,7 @@ class _Layout:
         self.holds[rows, self.phy[rows, slot], self.slot_rank[slot]] -= 1
         self.holds[rows, y, self.slot_rank[slot]] += 1
         self.phy[rows, slot] = y
-        self.refresh()
+        self.refresh(rows)
         return rows, slot, y
 
     def retarget(self, target: np.ndarray, among: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -281,65 +293,78 @@ class _Layout:
         self.holds[rows, self.phy[rows, slot], rk] -= 1
         self.holds[rows, xe, rk] += 1
         self.phy[rows, slot] = xe
-        self.refresh()
+        self.refresh(rows)
         return rows, slot, xe, dc
 
-    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
-        """Heavy and light rank of every pair, [layers, pairs]: i-th heaviest with i-th lightest per zone."""
+    def pairs(self, act: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Heavy and light rank of every pair of the rows ``act``, [rows, pairs]: i-th heaviest with i-th
+        lightest per zone."""
         zones, half = self.G // self.Gz, self.Gz // 2
-        order = np.argsort(-self.R.reshape(self.L, zones, self.Gz), axis=2, kind="stable")
+        order = np.argsort(-self.R[act].reshape(len(act), zones, self.Gz), axis=2, kind="stable")
         order += (np.arange(zones) * self.Gz)[None, :, None]
-        heavy = order[:, :, :half].reshape(self.L, -1)
-        light = order[:, :, ::-1][:, :, :half].reshape(self.L, -1)
+        heavy = order[:, :, :half].reshape(len(act), -1)
+        light = order[:, :, ::-1][:, :, :half].reshape(len(act), -1)
         return heavy, light
 
     def swap_round(self, target: np.ndarray, active: np.ndarray, opts: _Options) -> np.ndarray:
         """One swap in every pair whose heavy rank is above ``target`` (see the module docstring).
 
-        Appends one option per pair (pairs by heavy load, descending) to ``opts``.
+        Appends one option per pair (pairs by heavy load, descending) to ``opts``; only the rows
+        ``active`` are searched (the others keep their last option).
 
         Returns:
             [layers] bool, layers that made a swap.
         """
-        heavy, light = self.pairs()
-        lay2 = self.lay[:, None]
-        Rh, Rl = self.R[lay2, heavy], self.R[lay2, light]
-        rows, cols = np.nonzero(active[:, None] & (Rh > target[:, None] * (1 + _TIE)))
-        swap = _best_swaps(self, rows, heavy[rows, cols], light[rows, cols], target[rows])
+        act = np.flatnonzero(active)
+        A = act.size
+        heavy, light = self.pairs(act)
+        a2 = act[:, None]
+        Rh, Rl = self.R[a2, heavy], self.R[a2, light]
+        ri, cols = np.nonzero(Rh > target[act][:, None] * (1 + _TIE))
+        rows = act[ri]
+        swap = _best_swaps(self, rows, heavy[ri, cols], light[ri, cols], target[rows])
         go = np.zeros(heavy.shape, dtype=bool)
-        go[rows, cols] = swap.ok
+        go[ri, cols] = swap.ok
         dcost, moved = np.zeros(heavy.shape, dtype=np.int64), np.zeros(heavy.shape)
-        dcost[rows, cols], moved[rows, cols] = np.where(swap.ok, swap.dcost, 0), swap.moved
+        dcost[ri, cols], moved[ri, cols] = np.where(swap.ok, swap.dcost, 0), swap.moved
         # Options: pairs by heavy load; peak after the first k = max(new loads of those k, old loads of the rest).
         by = np.argsort(-Rh, axis=1, kind="stable") if self.Gz < self.G else np.broadcast_to(
             np.arange(heavy.shape[1]), heavy.shape)  # one zone: pairs() already ranks by load
         old_pair = np.take_along_axis(np.maximum(Rh, Rl), by, axis=1)
         new_pair = np.take_along_axis(np.where(go, np.maximum(Rh - moved, Rl + moved), np.maximum(Rh, Rl)), by, 1)
         rest = np.maximum.accumulate(old_pair[:, ::-1], axis=1)[:, ::-1]
-        rest = np.concatenate([rest[:, 1:], np.full((self.L, 1), -np.inf)], axis=1)
+        rest = np.concatenate([rest[:, 1:], np.full((A, 1), -np.inf)], axis=1)
         if 2 * heavy.shape[1] < self.G:  # odd zones leave one rank per zone unpaired
-            paired = np.zeros((self.L, self.G), dtype=bool)
-            paired[lay2, heavy] = paired[lay2, light] = True
-            rest = np.maximum(rest, np.where(paired, -np.inf, self.R).max(axis=1, initial=-np.inf)[:, None])
+            paired = np.zeros((A, self.G), dtype=bool)
+            ar = np.arange(A)[:, None]
+            paired[ar, heavy] = paired[ar, light] = True
+            rest = np.maximum(rest, np.where(paired, -np.inf, self.R[act]).max(axis=1, initial=-np.inf)[:, None])
         peak = np.maximum(np.maximum.accumulate(new_pair, axis=1), rest)
         base = len(opts.cost)
-        opts.cost.extend((opts.cost[-1][:, None] + np.cumsum(np.take_along_axis(dcost, by, axis=1), axis=1)).T)
-        opts.bal.extend(self.balancedness(peak.T))
+        cost = np.repeat(opts.cost[-1][None], heavy.shape[1], axis=0)
+        cost[:, act] = (opts.cost[-1][act][:, None] + np.cumsum(np.take_along_axis(dcost, by, axis=1), axis=1)).T
+        bal = np.repeat(opts.bal[-1][None], heavy.shape[1], axis=0)
+        mean = self.mean[act][:, None]
+        bal[:, act] = np.where(peak > 0, mean / np.where(peak > 0, peak, 1.0), 1.0).T
+        opts.cost.extend(cost)
+        opts.bal.extend(bal)
         rank_in = np.empty_like(by)
-        np.put_along_axis(rank_in, by, np.arange(by.shape[1])[None, :].repeat(self.L, 0), axis=1)
+        np.put_along_axis(rank_in, by, np.arange(by.shape[1])[None, :].repeat(A, 0), axis=1)
         sel = swap.ok
-        r, c, hs, ls, xa, xb = rows[sel], cols[sel], swap.slot_h[sel], swap.slot_l[sel], swap.xa[sel], swap.xb[sel]
-        h, l = heavy[r, c], light[r, c]
+        i, c, hs, ls, xa, xb = ri[sel], cols[sel], swap.slot_h[sel], swap.slot_l[sel], swap.xa[sel], swap.xb[sel]
+        r, h, l = act[i], heavy[i, c], light[i, c]
         self.phy[r, hs], self.phy[r, ls] = xb, xa
         self.R[r, h] -= swap.moved[sel]
         self.R[r, l] += swap.moved[sel]
         for expert, give, take in ((xa, h, l), (xb, l, h)):
             self.holds[r, expert, give] -= 1
             self.holds[r, expert, take] += 1
-        option = base + rank_in[r, c]
+        option = base + rank_in[i, c]
         opts.changes.append((np.concatenate([r, r]), np.concatenate([hs, ls]), np.concatenate([xb, xa]),
                              np.concatenate([option, option])))
-        return go.any(axis=1)
+        out = np.zeros(self.L, dtype=bool)
+        out[act] = go.any(axis=1)
+        return out
 
 
 @dataclass
@@ -390,10 +415,15 @@ def _best_swaps(lay: _Layout, rows: np.ndarray, heavy: np.ndarray, light: np.nda
 def _copies(phy2log: np.ndarray, num_ranks: int, num_logical: int) -> np.ndarray:
     """[layers, num_logical, num_ranks] int16: copies of each expert on each rank."""
     layers, num_physical = phy2log.shape
-    rank = np.arange(num_physical) // (num_physical // num_ranks)
+    local = num_physical // num_ranks
+    rank = np.arange(num_physical) // local
     flat = ((np.arange(layers)[:, None] * num_logical + phy2log) * num_ranks + rank[None, :]).ravel()
-    counts = np.bincount(flat, minlength=layers * num_logical * num_ranks)
-    return counts.astype(np.int16).reshape(layers, num_logical, num_ranks)
+    by_rank = phy2log.reshape(layers, num_ranks, local)
+    # Each slot writes how often its expert occurs on its rank (a rank may hold an expert twice).
+    same = (by_rank[:, :, :, None] == by_rank[:, :, None, :]).sum(axis=3, dtype=np.int16)
+    out = np.zeros(layers * num_logical * num_ranks, dtype=np.int16)
+    out[flat] = same.ravel()
+    return out.reshape(layers, num_logical, num_ranks)
 
 
 def _split_groups(old: np.ndarray, num_logical: int, num_groups: int, num_nodes: int) -> np.ndarray:
@@ -616,38 +646,38 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
     old = _check(w, num_replicas, num_groups, num_nodes, num_gpus, old_phy2log, move_budget)
     num_layers, num_logical = w.shape
     hierarchical = num_groups % num_nodes == 0 and num_nodes > 1
-    lay = _Layout(w, old, num_gpus, num_nodes if hierarchical else 1)
-    before = lay.balancedness()
+    zones = num_nodes if hierarchical else 1
+    both = np.arange(2 * num_layers) % num_layers  # see below: two rows per layer
+    lay = _Layout(w[both], old[both], num_gpus, zones)
+    before = lay.balancedness()[:num_layers]
+    held = lay.held[:num_layers]
     if move_budget == 0 or num_layers == 0:
         return IncrementalPlan(torch.from_numpy(old.copy()), ["kept"] * num_layers,
                                np.zeros(num_layers, dtype=np.int64), before, before.copy(), before.copy())
 
     replan = plan_checked(as_float32(weight), num_replicas, num_groups, num_nodes, num_gpus)[0]
     replan_bal = _predicted(w, replan, num_gpus)
-    overlap = rank_overlap(replan, old, num_gpus, num_logical, held=lay.held)
+    overlap = rank_overlap(replan, old, num_gpus, num_logical, held=held)
     relabelled = _Relabelled(replan, overlap, num_gpus, num_nodes, hierarchical)
 
-    target = lay.mean / np.maximum(replan_bal, 1e-300)  # the re-plan's peak rank load
-    opts = _Options([np.zeros(num_layers, dtype=np.int64)], [before], [])
-    if hierarchical:
-        _regroup(lay, opts, relabelled, num_groups, num_nodes)
-    _repair(lay, opts, target, max_rounds)
-    # Second path: first take the re-plan's replica counts (per node, its nodes relabelled to keep the
-    # most), changing only the slots whose expert is no longer wanted there, then repair the same way.
-    zones = num_nodes if hierarchical else 1
-    proj = _project(w, old, _node_relabelled(replan, old, lay.held, num_nodes) if hierarchical else replan,
+    target = lay.mean[:num_layers] / np.maximum(replan_bal, 1e-300)  # the re-plan's peak rank load
+    # Both paths in one layout (one search loop): rows [0, L) start from the placement in force, rows
+    # [L, 2L) from its projection onto the re-plan's replica counts per node (its nodes relabelled to keep
+    # the most; one zone when global), every slot keeping its expert while its node still wants a copy.
+    proj = _project(w, old, _node_relabelled(replan, old, held, num_nodes) if hierarchical else replan,
                     num_gpus, zones)
-    # Only where it can pay: the repair from the placement in force does not reach the re-plan's
-    # balancedness for fewer moves than the projection alone costs.
-    c1, b1 = np.stack(opts.cost), np.stack(opts.bal)
-    reach = np.where(b1 >= replan_bal * (1 - _TIE), c1, np.iinfo(np.int64).max).min(axis=0)
-    sub = np.flatnonzero(reach > moved_slots(old, proj, num_gpus).numpy())
-    cost2, bal2, changes2 = _projected_repair(w, old, proj, sub, num_gpus, zones, target, max_rounds, num_layers)
-
-    cost, bal = np.concatenate([c1, cost2]), np.concatenate([b1, bal2])
+    lay.set_phy(np.concatenate([old, proj]))
+    rows, slots = np.nonzero(lay.phy != lay.old)
+    opts = _Options([lay.spent()], [lay.balancedness()], [(rows, slots, lay.phy[rows, slots], np.zeros_like(rows))])
+    if hierarchical:
+        _regroup(lay, opts, relabelled, num_groups, num_nodes, num_layers)
+    _repair(lay, opts, np.concatenate([target, target]), max_rounds)
+    c2, b2 = np.stack(opts.cost), np.stack(opts.bal)
+    n1 = c2.shape[0]  # options [0, n1) start from the placement in force, [n1, 2 n1) from the projection
+    cost = np.concatenate([c2[:, :num_layers], c2[:, num_layers:]])
+    bal = np.concatenate([b2[:, :num_layers], b2[:, num_layers:]])
     replan_cost = _replan_cost(overlap, num_replicas, cost, bal, replan_bal,
                                fresh_share if move_budget is None else None, num_nodes, hierarchical)
-    n1 = len(opts.cost)  # options [0, n1) start from the placement in force, [n1, n_opts) from the projection
     cost = np.concatenate([cost, replan_cost[None]])
     bal = np.concatenate([bal, replan_bal[None]])
     n_opts = cost.shape[0] - 1  # index of the re-plan option
@@ -658,12 +688,13 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
         pick = np.where((spend > 0) & (spend >= fresh_share * replan_cost) & (replan_bal >= got), n_opts, pick)
 
     new = old.copy()
+    # Row r's option k is option k (r < L) or n1 + k (r >= L) of layer r mod L.
+    row_pick = np.concatenate([pick, pick - n1])
+    row_pick[:num_layers][pick >= n1] = -1
+    row_pick[num_layers:][(pick < n1) | (pick == n_opts)] = -1
     for rows, slots, experts, option in opts.changes:
-        take = (option <= pick[rows]) & (pick[rows] < n1)
-        new[rows[take], slots[take]] = experts[take]
-    for rows, slots, experts, option in changes2:
-        take = (n1 + option <= pick[rows]) & (pick[rows] >= n1) & (pick[rows] < n_opts)
-        new[rows[take], slots[take]] = experts[take]
+        take = option <= row_pick[rows]
+        new[both[rows[take]], slots[take]] = experts[take]
     re_layers = np.flatnonzero(pick == n_opts)
     if re_layers.size:
         new[re_layers] = preserve_local_slots(relabelled(re_layers), old[re_layers], num_gpus).numpy()
@@ -693,18 +724,20 @@ class _Relabelled:
         return self.out[layers]
 
 
-def _regroup(lay: _Layout, opts: _Options, relabelled: _Relabelled, num_groups: int, num_nodes: int) -> None:
-    """Hierarchical case: layers whose placement splits an expert group over nodes (e.g. the engine's
-    initial layout) first take, node by node, the replicas of the full re-plan (its nodes relabelled to
-    keep the most), changing only the slots whose expert that node no longer wants. Swaps then balance
-    the ranks within each node."""
-    bad = np.flatnonzero(_split_groups(lay.old, lay.E, num_groups, num_nodes))
+def _regroup(lay: _Layout, opts: _Options, relabelled: _Relabelled, num_groups: int, num_nodes: int,
+             num_layers: int) -> None:
+    """Hierarchical case: layers (rows ``[0, num_layers)`` of ``lay``) whose placement splits an expert
+    group over nodes (e.g. the engine's initial layout) first take, node by node, the replicas of the
+    full re-plan (its nodes relabelled to keep the most), changing only the slots whose expert that node
+    no longer wants. Swaps then balance the ranks within each node."""
+    bad = np.flatnonzero(_split_groups(lay.old[:num_layers], lay.E, num_groups, num_nodes))
     if bad.size == 0:
         return
     lay.phy[bad] = _project(lay.w[bad], lay.old[bad], relabelled(bad), lay.G, num_nodes)
-    lay.holds = _copies(lay.phy, lay.G, lay.E)
+    lay.holds[bad] = _copies(lay.phy[bad], lay.G, lay.E)
     lay.refresh()
-    rows, slots = np.nonzero(lay.phy != lay.old)
+    rows, slots = np.nonzero(lay.phy[bad] != lay.old[bad])
+    rows = bad[rows]
     opts.add(rows, slots, lay.phy[rows, slots], lay.spent(), lay.balancedness())
 
 
@@ -730,30 +763,6 @@ def _repair(lay: _Layout, opts: _Options, target: np.ndarray, max_rounds: int) -
         if not active.any() or lay.Gz < 2:
             break
         active &= lay.swap_round(target, active, opts)
-
-
-def _projected_repair(w: np.ndarray, old: np.ndarray, proj: np.ndarray, sub: np.ndarray, num_gpus: int, zones: int,
-                      target: np.ndarray, max_rounds: int, num_layers: int
-                      ) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, ...]]]:
-    """The options of the layers ``sub`` when they start from ``proj`` (moves counted from ``old``).
-
-    Returns:
-        cost, bal: [options, layers]; a layer outside ``sub`` has balancedness -inf (never picked).
-        changes: (layer, slot, expert, option) writes, layers numbered as in ``w``; option 0 is ``proj``.
-    """
-    if sub.size == 0:
-        return np.zeros((0, num_layers), dtype=np.int64), np.zeros((0, num_layers)), []
-    lay = _Layout(w[sub], old[sub], num_gpus, zones)
-    lay.phy = proj[sub].copy()
-    lay.holds = _copies(lay.phy, lay.G, lay.E)
-    lay.refresh()
-    rows, slots = np.nonzero(lay.phy != lay.old)
-    opts = _Options([lay.spent()], [lay.balancedness()], [(rows, slots, lay.phy[rows, slots], np.zeros_like(rows))])
-    _repair(lay, opts, target[sub], max_rounds)
-    cost = np.zeros((len(opts.cost), num_layers), dtype=np.int64)
-    bal = np.full((len(opts.cost), num_layers), -np.inf)
-    cost[:, sub], bal[:, sub] = np.stack(opts.cost), np.stack(opts.bal)
-    return cost, bal, [(sub[r], s, e, o) for r, s, e, o in opts.changes]
 
 
 def _node_relabelled(replan: np.ndarray, old: np.ndarray, held: np.ndarray, num_nodes: int) -> np.ndarray:
