@@ -169,6 +169,9 @@ def _watchdog_lines(s: Any) -> list[str]:
         a = s.last_abort
         who = f"rank {a.rank}" if a.rank >= 0 else "no rank in particular"
         out.append(f"last abort: plan {a.plan_id} ({a.cause}, {who}): {a.reason}")
+    if s.load_silent:
+        out.append(f"LOAD SILENT: no rank has counted a token for {s.silent_load_steps} steps while the engine steps "
+                   "(its layers record no load; see the engine adapter's log)")
     return out
 
 

@@ -40,6 +40,9 @@ class DaemonMetrics:
         self.stuck = r.gauge("eplbd_rebalancing_stuck",
                              "1 while rebalancing is wedged: a plan without progress beyond plan_stall_timeout_s "
                              "not yet aborted, or stuck_abort_streak plans in a row aborted without a commit.")
+        self.silent = r.gauge("eplbd_load_silent_steps",
+                              "Newest steps in a row in which no rank counted a token (the engine steps but records "
+                              "no load); status load_silent once it reaches silent_load_warn_steps.")
         self._seen: dict[str, float] = {}
         self._observed_plans: set[tuple[int, str]] = set()
 
@@ -71,6 +74,7 @@ class DaemonMetrics:
         if st.last_commit_time is not None:
             self.last_commit.set(st.last_commit_time)
         self.stuck.set(1.0 if st.rebalancing_stuck(time.monotonic())[0] else 0.0)
+        self.silent.set(st.silent_load_steps())
         if st.window is None or st.topo is None:
             return
         self.step.set(st.window.newest_step)

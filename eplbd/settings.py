@@ -155,6 +155,10 @@ class DaemonSettings(EplbConfig):
     stuck_abort_streak: int = Field(default=3, gt=0,
                                     description="Rebalancing counts as stuck (/healthz fails) after this many "
                                                 "plans in a row ended aborted without a commit between them.")
+    silent_load_warn_steps: int = Field(default=200, gt=0,
+                                        description="Warn (log, status load_silent, metric eplbd_load_silent_steps) once "
+                                                    "no rank has counted a token for this many steps in a row "
+                                                    "while the engine steps.")
     log_level: str = Field(default="INFO", description=f"Logging level, one of {', '.join(_LOG_LEVELS)}.")
     log_json: bool = Field(default=False, description="Write logs as one JSON object per line.")
 
@@ -232,7 +236,7 @@ FIELDS: tuple[str, ...] = tuple(DaemonSettings.model_fields)
 RUNTIME_MUTABLE: frozenset[str] = frozenset({
     "step_interval", "min_gain", "log_balancedness", "log_balancedness_interval", "policy",
     "plan_timeout_s", "window_size", "heartbeat_timeout_s", "commit_interval_steps",
-    "plan_stall_timeout_s", "stuck_abort_streak",
+    "plan_stall_timeout_s", "stuck_abort_streak", "silent_load_warn_steps",
     "min_gain_per_transfer_s", "transfer_gb_per_s", "replan_below", "move_budget",
 })
 if not RUNTIME_MUTABLE <= set(FIELDS):  # pragma: no cover - guards the table itself

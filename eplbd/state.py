@@ -70,6 +70,7 @@ class Worker:
     last_seq: int = -1
     step: int = 0
     rejected_ahead: int = 0  # reports refused since the last applied one (their seqs are not gaps)
+    silent_steps: int = 0  # newest steps in a row whose report counted no token in any layer
     user_id: str | None = None
     session: str = ""
     released: bool = False  # the rank said its session ends (Release): another connection may register it
@@ -224,6 +225,7 @@ class DaemonState(ElasticOps):
         self.last_commit_time: float | None = None
         self.last_abort: AbortInfo | None = None
         self.aborts_in_a_row = 0  # plans ended aborted since the last commit
+        self.load_silent = False  # every rank's newest silent_load_warn_steps steps counted no token
         self.counters = Counters()
         self._persisted: PersistedState | None = None
         if getattr(settings, "state_dir", None):
@@ -470,7 +472,29 @@ class DaemonState(ElasticOps):
         if rep.dropped_steps:
             self.counters.drop("sender_overflow_steps", rep.dropped_steps)
         w.step = max(w.step, rep.first_step + rep.load.shape[0] - 1)
+        self._watch_silence(w, rep)
         return True
+
+    def _watch_silence(self, w: Worker, rep: LoadReport) -> None:
+        """Track steps with no token counted. One rank's silence is normal (an idle data-parallel rank
+        runs dummy steps); every rank's, for ``silent_load_warn_steps`` steps, means the engine steps
+        but its layers record nothing (vLLM's record flag reset, a router not mapping through the
+        EPLB tensors): nothing to balance on, and it must not pass unnoticed."""
+        steps = rep.load.shape[0]
+        counted = torch.as_tensor(rep.load).reshape(steps, -1).any(1).nonzero()
+        w.silent_steps = steps - 1 - int(counted[-1]) if counted.numel() else w.silent_steps + steps
+        silent = self.silent_load_steps()
+        limit = self.settings.silent_load_warn_steps
+        if silent >= limit and not self.load_silent:
+            log.warning("no rank has counted a token for %d steps while the engine steps: the load view is not "
+                        "being recorded (see the engine adapter's log); balancing has nothing to go on", silent)
+        elif silent < limit and self.load_silent:
+            log.info("ranks count tokens again")
+        self.load_silent = silent >= limit
+
+    def silent_load_steps(self) -> int:
+        """Steps (the newest ones) in which no registered rank counted a token."""
+        return min((w.silent_steps for w in self.workers.values()), default=0)
 
     def _add_report(self, rep: LoadReport) -> bool:
         """Add ``rep``'s load to the window under its placement; False (a counted drop) if refused."""
@@ -784,7 +808,8 @@ class DaemonState(ElasticOps):
                            next_rebalance_step=nxt, uptime_s=time.time() - self.started,
                            last_commit_at=self.last_commit_time or 0.0, last_abort=self.last_abort,
                            aborts_in_a_row=self.aborts_in_a_row, rebalancing_stuck=stuck, stuck_reason=why,
-                           resize=self.resize_info(),
+                           resize=self.resize_info(), silent_load_steps=self.silent_load_steps(),
+                           load_silent=self.load_silent,
                            messages_refused={f"{m}:{r}": n for (m, r), n in self.counters.refused.items()})
 
     def balancedness(self, per_layer: bool = False, per_rank: bool = False) -> BalancednessReply:

@@ -102,6 +102,10 @@ class StatusReply(MessageBase):
     rebalancing_stuck: bool = False
     stuck_reason: str = ""
     resize: ResizeInfo | None = None  # the latest elastic resize (None: never resized)
+    # Steps (the newest) in which no rank counted a token, and whether that reached the daemon's
+    # silent_load_warn_steps: the engine steps but its layers record no load (nothing to balance on).
+    silent_load_steps: int = 0
+    load_silent: bool = False
     # Worker requests naming a rank that were refused: "Message:reason" -> count (eplbd.state.REFUSAL_REASONS).
     messages_refused: dict[str, int] = msgspec.field(default_factory=dict)
 

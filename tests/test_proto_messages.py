@@ -99,7 +99,8 @@ def examples() -> list[m.MessageBase]:
             last_commit_at=1.7e9, aborts_in_a_row=3, rebalancing_stuck=True, stuck_reason="3 aborts",
             last_abort=m.AbortInfo(plan_id=6, rank=2, reason="rank 2 sent nothing for 11.0s", at=1.7e9,
                                    cause="rank_dead", reported_by=0, kept_layers=[1], reported_by_worker="r0-aa"),
-            resize=_resize_info(), messages_refused={"Abort:not_registered": 4},
+            resize=_resize_info(), messages_refused={"Abort:not_registered": 4}, silent_load_steps=250,
+            load_silent=True,
         ),  # fmt: skip
         m.BalancednessRequest(per_layer=True, per_rank=True, req_id=21),
         m.BalancednessReply(
