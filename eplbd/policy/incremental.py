@@ -77,7 +77,7 @@ from eplbd.errors import PolicyError
 from eplbd.policy.balance import predicted_balancedness
 from eplbd.policy.default import as_float32, check_args, check_weight, plan_checked, rebalance_experts
 from eplbd.policy.matching import apply_rank_order, assignment_batch, rank_overlap, stable_rank_order_from
-from eplbd.policy.placement import _int_array, moved_slots, preserve_local_slots
+from eplbd.policy.placement import _int_array, preserve_local_slots
 from eplbd.policy.registry import Policy, register_policy
 
 KEEP = 0.99  # a plan keeps >= 99% of the full re-plan's gain in predicted balancedness (summed over layers)
@@ -148,9 +148,10 @@ class _Layout:
     every move stays inside a zone.
     """
 
-    def __init__(self, w: np.ndarray, old: np.ndarray, num_gpus: int, zones: int):
+    def __init__(self, w: np.ndarray, old: np.ndarray, num_gpus: int, zones: int, holds: np.ndarray | None = None):
         self.w, self.old, self.phy = w, old, old.copy()
-        self.holds = _copies(old, num_gpus, w.shape[1])  # [layers, experts, ranks]: copies held now
+        # [layers, experts, ranks]: copies held now (``holds``: those of ``old`` when the caller has them)
+        self.holds = _copies(old, num_gpus, w.shape[1]) if holds is None else holds
         self.held = (self.holds > 0).view(np.uint8)  # ... and whether held before (as held_by_rank)
         self.L, self.E = w.shape
         self.P = old.shape[1]
@@ -160,11 +161,12 @@ class _Layout:
         self.refresh()
         self.mean = self.R.mean(axis=1)
 
-    def set_phy(self, phy: np.ndarray) -> None:
-        """Start the repair from ``phy`` (moves still counted from ``old``)."""
+    def set_phy(self, phy: np.ndarray, rows: np.ndarray) -> None:
+        """Start the repair from ``phy`` (moves still counted from ``old``); only the rows ``rows`` differ
+        from the placement the layout holds now."""
         self.phy = phy
-        self.holds = _copies(phy, self.G, self.E)
-        self.refresh()
+        self.holds[rows] = _copies(phy[rows], self.G, self.E)
+        self.refresh(rows)
 
     def refresh(self, rows: np.ndarray | None = None) -> None:
         """Replica counts, per-replica loads and rank loads from ``phy`` (of the rows ``rows``, distinct; all
@@ -186,7 +188,7 @@ class _Layout:
 
     def spent(self) -> np.ndarray:
         """[layers] slots holding an expert their rank did not hold in the old placement."""
-        return moved_slots(self.old, self.phy, self.G).numpy()
+        return _moved(self.held, self.phy, self.slot_rank)
 
     def split(self, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Give one more replica to each layer's largest item if it cannot fit on a rank under ``target``.
@@ -415,15 +417,18 @@ def _best_swaps(lay: _Layout, rows: np.ndarray, heavy: np.ndarray, light: np.nda
 def _copies(phy2log: np.ndarray, num_ranks: int, num_logical: int) -> np.ndarray:
     """[layers, num_logical, num_ranks] int16: copies of each expert on each rank."""
     layers, num_physical = phy2log.shape
-    local = num_physical // num_ranks
-    rank = np.arange(num_physical) // local
+    rank = np.arange(num_physical) // (num_physical // num_ranks)
     flat = ((np.arange(layers)[:, None] * num_logical + phy2log) * num_ranks + rank[None, :]).ravel()
-    by_rank = phy2log.reshape(layers, num_ranks, local)
-    # Each slot writes how often its expert occurs on its rank (a rank may hold an expert twice).
-    same = (by_rank[:, :, :, None] == by_rank[:, :, None, :]).sum(axis=3, dtype=np.int16)
-    out = np.zeros(layers * num_logical * num_ranks, dtype=np.int16)
-    out[flat] = same.ravel()
+    out = np.bincount(flat, minlength=layers * num_logical * num_ranks).astype(np.int16)
     return out.reshape(layers, num_logical, num_ranks)
+
+
+def _moved(held: np.ndarray, phy: np.ndarray, slot_rank: np.ndarray) -> np.ndarray:
+    """[layers] slots of ``phy`` whose rank did not hold their expert before (``held``: [layers, experts,
+    ranks] of the old placement, as :func:`~eplbd.policy.placement.moved_slots` counts)."""
+    layers, num_logical, num_ranks = held.shape
+    flat = (np.arange(layers)[:, None] * num_logical + phy) * num_ranks + slot_rank[None, :]
+    return (held.ravel().take(flat) == 0).sum(axis=1)
 
 
 def _split_groups(old: np.ndarray, num_logical: int, num_groups: int, num_nodes: int) -> np.ndarray:
@@ -648,7 +653,8 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
     hierarchical = num_groups % num_nodes == 0 and num_nodes > 1
     zones = num_nodes if hierarchical else 1
     both = np.arange(2 * num_layers) % num_layers  # see below: two rows per layer
-    lay = _Layout(w[both], old[both], num_gpus, zones)
+    holds = _copies(old, num_gpus, num_logical)
+    lay = _Layout(w[both], old[both], num_gpus, zones, np.concatenate([holds, holds]))
     before = lay.balancedness()[:num_layers]
     held = lay.held[:num_layers]
     if move_budget == 0 or num_layers == 0:
@@ -664,9 +670,9 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
     # Both paths in one layout (one search loop): rows [0, L) start from the placement in force, rows
     # [L, 2L) from its projection onto the re-plan's replica counts per node (its nodes relabelled to keep
     # the most; one zone when global), every slot keeping its expert while its node still wants a copy.
-    proj = _project(w, old, _node_relabelled(replan, old, held, num_nodes) if hierarchical else replan,
+    proj = _project(w, old, _node_relabelled(replan, old, num_logical, num_nodes) if hierarchical else replan,
                     num_gpus, zones)
-    lay.set_phy(np.concatenate([old, proj]))
+    lay.set_phy(np.concatenate([old, proj]), np.arange(num_layers, 2 * num_layers))
     rows, slots = np.nonzero(lay.phy != lay.old)
     opts = _Options([lay.spent()], [lay.balancedness()], [(rows, slots, lay.phy[rows, slots], np.zeros_like(rows))])
     if hierarchical:
@@ -698,7 +704,7 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
     re_layers = np.flatnonzero(pick == n_opts)
     if re_layers.size:
         new[re_layers] = preserve_local_slots(relabelled(re_layers), old[re_layers], num_gpus).numpy()
-    moved = moved_slots(old, new, num_gpus).numpy()
+    moved = _moved(held, new, lay.slot_rank)
     choice = ["replan" if p == n_opts else "project" if p >= n1 else
               ("moves" if m or not np.array_equal(new[i], old[i]) else "kept")
               for i, (p, m) in enumerate(zip(pick.tolist(), moved.tolist()))]
@@ -765,11 +771,12 @@ def _repair(lay: _Layout, opts: _Options, target: np.ndarray, max_rounds: int) -
         active &= lay.swap_round(target, active, opts)
 
 
-def _node_relabelled(replan: np.ndarray, old: np.ndarray, held: np.ndarray, num_nodes: int) -> np.ndarray:
+def _node_relabelled(replan: np.ndarray, old: np.ndarray, num_logical: int, num_nodes: int) -> np.ndarray:
     """``replan`` with whole node blocks moved to the old nodes that already hold most of their slots' experts
-    (an exact assignment per layer; ``held``: [layers, experts, ranks] of ``old``)."""
+    (an exact assignment per layer)."""
     layers, num_physical = replan.shape
-    node_held = held.reshape(layers, held.shape[1], num_nodes, -1).any(axis=3)  # [layers, experts, nodes]
+    node_held = np.zeros((layers, num_logical, num_nodes), dtype=bool)  # [layers, experts, nodes]
+    node_held[np.arange(layers)[:, None], old, np.arange(num_physical)[None, :] // (num_physical // num_nodes)] = True
     per_slot = node_held[np.arange(layers)[:, None], replan]  # [layers, slots, old nodes]
     value = per_slot.reshape(layers, num_nodes, num_physical // num_nodes, num_nodes).sum(axis=2, dtype=np.int64)
     node_of = assignment_batch(-value)  # new node a -> old node
