@@ -41,9 +41,8 @@ Commands:
 ``load-placement PATH [--dry-run] [--moe-layers IDS [--num-hidden-layers N] | --model-config CONFIG_JSON]``
     Push the placement in PATH (daemon's filesystem, made absolute here); prints as ``rebalance``.
     For an SGLang file of a model with dense layers (one row per decoder layer: DeepSeek-V3/R1 has 61,
-    the daemon 58) name the MoE layers (``--moe-layers 3-60``) or the model's ``config.json``: PATH is
-    then read here, cut to its MoE rows, written next to it as a hidden ``.NAME.moe-layers.PID.json``
-    (so a daemon that shares this filesystem reads it), pushed, and removed.
+    the daemon 58) name the MoE layers (``--moe-layers 3-60``) or the model's ``config.json`` (read
+    here): the daemon keeps the MoE layers' rows of PATH and refuses a file with neither row count.
 ``config get [KEY]`` / ``config set KEY VALUE``
     Show the daemon's live config (or one key), or change one key. VALUE is parsed as JSON when it
     parses (``50``, ``true``, ``0.02``), else sent as a string; the daemon coerces and validates.
@@ -72,8 +71,7 @@ from typing import Any, Callable
 import msgspec
 
 from eplbd.client import watch
-from eplbd.errors import (ConfigError, EplbdError, InvalidArgumentError, NotFoundError, PlacementError,
-                          UnavailableError)
+from eplbd.errors import ConfigError, EplbdError, NotFoundError, UnavailableError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -253,30 +251,8 @@ def do_load_placement(c: Any, args: argparse.Namespace) -> Any:
     layers = LayerAxis.from_flags(args.moe_layers, args.model_config, args.num_hidden_layers)
     if layers is None:
         return c.load_placement(args.path, dry_run=args.dry_run)
-    from eplbd.plans import read_placement_file, write_placement_file
-
-    phy2log = layers.moe_placement(read_placement_file(args.path), where=f"placement file {args.path!r}")
-    head, name = os.path.split(args.path)
-    moe_path = os.path.join(head, f".{name}.moe-layers.{os.getpid()}.json")
-    try:
-        write_placement_file(moe_path, phy2log)
-    except OSError as exc:
-        raise InvalidArgumentError(f"cannot write the MoE rows of {args.path!r} next to it as {moe_path!r}: "
-                                   f"{exc.strerror or exc}; write them with `eplbd convert-placement "
-                                   f"{args.path} -o moe.json --moe-layers ...` and load that") from None
-    try:
-        return c.load_placement(moe_path, dry_run=args.dry_run)
-    except PlacementError as exc:
-        if "does not exist" in str(exc) and moe_path in str(exc):
-            raise PlacementError(f"the daemon cannot see {moe_path!r}, the MoE rows of {args.path!r} written "
-                                 "here: it does not share this filesystem; run `eplbd convert-placement "
-                                 "--moe-layers ...` on its host and load that") from None
-        raise
-    finally:
-        try:
-            os.unlink(moe_path)
-        except FileNotFoundError:
-            pass
+    return c.load_placement(args.path, dry_run=args.dry_run, moe_layers=list(layers.moe_layers),
+                            num_hidden_layers=layers.num_hidden_layers)
 
 
 def _json_or_str(text: str) -> Any:

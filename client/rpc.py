@@ -89,8 +89,10 @@ class _Operations:
     def dump_window(self, path: str):
         return self._call(DumpWindowRequest(path=path))
 
-    def load_placement(self, path: str, *, dry_run: bool = False):
-        return self._call(LoadPlacementRequest(path=path, dry_run=dry_run))
+    def load_placement(self, path: str, *, dry_run: bool = False, moe_layers: list[int] | None = None,
+                       num_hidden_layers: int = 0):
+        return self._call(LoadPlacementRequest(path=path, dry_run=dry_run, moe_layers=list(moe_layers or []),
+                                               num_hidden_layers=num_hidden_layers))
 
     def get_config(self):
         return self._call(GetConfigRequest())

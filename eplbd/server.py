@@ -428,7 +428,8 @@ class Daemon:
                 path, write = st.dump_window_job(msg.path)
                 return _Later(write, lambda steps: (DumpWindowReply(path=path, steps=steps, req_id=rid), []), rid)
             case LoadPlacementRequest():
-                return st.load_placement(msg.path, dry_run=msg.dry_run, now=now, req_id=rid)
+                return st.load_placement(msg.path, dry_run=msg.dry_run, now=now, req_id=rid, moe_layers=msg.moe_layers,
+                                         num_hidden_layers=msg.num_hidden_layers)
             case ResizeRequest():
                 job = st.resize_job(msg.mapping, msg.ep_size, dry_run=msg.dry_run, req_id=rid)
                 if not isinstance(job, ResizeJob):

@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -876,9 +876,15 @@ class DaemonState(ElasticOps):
         reply.plan_id, reply.epoch, reply.pushed = rec.plan_id, rec.epoch, True
         return reply, out
 
-    def load_placement(self, path: str, *, dry_run: bool, now: float, req_id: int = 0):
+    def load_placement(self, path: str, *, dry_run: bool, now: float, req_id: int = 0,
+                       moe_layers: Sequence[int] = (), num_hidden_layers: int = 0):
         self._require_group()
         new = read_placement_file(_placement_path(path))
+        if moe_layers:  # a row per decoder layer (SGLang's): keep the MoE layers' rows
+            from eplbd.integrations.sglang import LayerAxis
+
+            axis = LayerAxis(num_hidden_layers or max(moe_layers) + 1, tuple(moe_layers), "moe_layers")
+            new = axis.moe_placement(new, where=f"placement file {path!r}")
         want = (self.topo.num_layers, self.topo.num_physical)
         if tuple(new.shape) != want:
             raise InvalidArgumentError(f"placement in {path!r} has shape {list(new.shape)}, the group needs {list(want)}")

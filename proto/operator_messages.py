@@ -202,10 +202,17 @@ class DumpWindowReply(MessageBase):
 
 
 class LoadPlacementRequest(MessageBase):
-    """Push the placement in a file (on the daemon's filesystem); answered by ``RebalanceReply``."""
+    """Push the placement in a file (on the daemon's filesystem); answered by ``RebalanceReply``.
+
+    ``moe_layers``: for a file with a row per decoder layer (SGLang's, dense layers included), the
+    decoder layer numbers of the MoE layers, ascending, and ``num_hidden_layers`` its row count
+    (0: the last MoE layer + 1); the daemon keeps those rows. Empty: the rows are the MoE layers.
+    """
 
     path: str
     dry_run: bool = False
+    moe_layers: list[int] = msgspec.field(default_factory=list)
+    num_hidden_layers: int = 0
 
 
 class GetConfigRequest(MessageBase):

@@ -287,7 +287,7 @@ def test_load_placement_takes_the_moe_layers(tmp_path, capsys):
             assert ctl.main([*base, "--moe-layers", f"2-{L + 1}"]) == 0
             doc = json.loads(capsys.readouterr().out)
             assert doc["phy2log"] == ours.tolist() and doc["layers"] == list(range(L))
-            assert sorted(os.listdir(tmp_path)) == ["s.pt"]  # the MoE-row copy is gone
+            assert sorted(os.listdir(tmp_path)) == ["s.pt"]  # nothing written: the daemon reads the file
             # Without the flag the daemon sees L + 2 rows and says so; a wrong flag is refused here.
             assert ctl.main(base) == 1
             assert f"shape [{L + 2}, {P}]" in capsys.readouterr().err
@@ -301,15 +301,17 @@ def test_load_placement_takes_the_moe_layers(tmp_path, capsys):
                 link.close()
 
 
-def test_load_placement_says_when_the_daemon_cannot_see_the_moe_rows(tmp_path):
-    """A daemon on another host: the MoE-row copy written here does not exist there."""
-    write_placement(tmp_path / "s.pt", initial_placement(L, E, P, G, "linear"), LayerAxis.from_spec(f"2-{L + 1}"))
+def test_load_placement_sends_the_layer_ids_and_reads_nothing_here(tmp_path):
+    """A daemon on another host reads PATH itself: eplbctl only resolves the MoE layer ids (from the flag or
+    the model's config.json, which is read here) and sends them with the request."""
+    calls = []
 
     class RemoteDaemon:
-        def load_placement(self, path, *, dry_run):
-            raise PlacementError(f"placement file {path!r} does not exist")
+        def load_placement(self, path, **kw):
+            calls.append((path, kw))
 
-    args = ctl.build_parser().parse_args(["load-placement", str(tmp_path / "s.pt"), "--moe-layers", f"2-{L + 1}"])
-    with pytest.raises(PlacementError, match="does not share this filesystem; run `eplbd convert-placement"):
-        ctl.do_load_placement(RemoteDaemon(), args)
-    assert sorted(os.listdir(tmp_path)) == ["s.pt"]
+    args = ctl.build_parser().parse_args(["load-placement", "/remote/s.pt", "--moe-layers", f"2-{L + 1}",
+                                          "--dry-run"])
+    ctl.do_load_placement(RemoteDaemon(), args)
+    assert calls == [("/remote/s.pt", {"dry_run": True, "moe_layers": list(range(2, L + 2)),
+                                       "num_hidden_layers": L + 2})]
