@@ -31,7 +31,6 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 from typing import Any, Callable, Iterator, Mapping
 
 from eplbd.demo import DemoConfig, progress_line, summarize_ranks
@@ -99,15 +98,9 @@ def daemon_settings(cfg: LaunchConfig, env: Mapping[str, str]) -> dict[str, Any]
     Raises:
         ConfigError: the daemon would reject the result (checked here, before anything starts).
     """
-    from eplbd.settings import env_name, load_settings
+    from eplbd.settings import env_name, load_settings, read_settings_file
 
-    in_file: set[str] = set()
-    if cfg.config:
-        try:
-            with open(cfg.config, "rb") as f:
-                in_file = {k.replace("-", "_") for k in tomllib.load(f)}
-        except (OSError, tomllib.TOMLDecodeError):
-            pass  # load_settings below names the problem
+    in_file = set(read_settings_file(pathlib.Path(cfg.config))) if cfg.config else set()
     fill = {k: v for k, v in REFERENCE_DAEMON.items() if k not in in_file and env_name(k) not in env}
     given = {**fill, **cfg.daemon_settings}
     load_settings(config_file=cfg.config, env=env, cli=given)

@@ -291,7 +291,12 @@ def _none_if_empty(field: str, value: Any) -> Any:
     return value
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """The settings in a TOML file (field -> value), read bounded (``MAX_CONFIG_FILE_BYTES``).
+
+    Raises:
+        ConfigError: unreadable, too large, not UTF-8, not TOML, or an unknown key (each named).
+    """
     try:
         with path.open("rb") as f:
             raw = f.read(MAX_CONFIG_FILE_BYTES + 1)  # bounded: a device or a huge file is refused, not read
@@ -344,7 +349,7 @@ def load_settings(*, config_file: str | Path | None = None, env: Mapping[str, st
 
     if config_file is not None:
         path = Path(config_file)
-        for field, value in _read_toml(path).items():
+        for field, value in read_settings_file(path).items():
             raw[field], sources[field] = value, str(path)
 
     for name, value in env.items():

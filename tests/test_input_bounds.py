@@ -47,6 +47,17 @@ def test_a_settings_file_that_never_ends_is_read_no_further_than_the_bound(tmp_p
         load_settings(config_file=big, env={})
 
 
+def test_eplbd_launch_reads_its_config_the_same_bounded_way(tmp_path):
+    """``eplbd launch --config`` reads the file before it starts anything: same typed errors, no traceback."""
+    latin = tmp_path / "latin1.toml"
+    latin.write_bytes("window_size = 10\n# caf\xe9\n".encode("latin-1"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPLBD_")}
+    for path, says in ((str(latin), "is not UTF-8 text"), ("/dev/zero", "'/dev/zero' is larger than")):
+        r = subprocess.run([sys.executable, "-m", "eplbd.cli", "launch", "--ranks", "2", "--steps", "10",
+                            "--config", path], capture_output=True, text=True, timeout=SERVE_TIMEOUT_S, env=env)
+        assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 _DURATIONS = ("heartbeat_timeout_s", "plan_timeout_s", "plan_stall_timeout_s")
 
 
