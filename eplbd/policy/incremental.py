@@ -87,6 +87,7 @@ MAX_RETARGETS = 24
 MAX_SPLITS = 4  # split iterations (one split per layer each)
 _TIE = 1e-9  # relative: loads closer than this count as equal
 _COST_TIE = 1e-4  # relative to the mean rank load: one moved slot outweighs a load difference below this
+_FAR = 1e300  # search keys at or above this rule a candidate out (keys of candidates allowed are loads, far below)
 
 
 @dataclass
@@ -388,29 +389,43 @@ def _best_swaps(lay: _Layout, rows: np.ndarray, heavy: np.ndarray, light: np.nda
     brings the pair's larger load under ``target`` (else lowest), fewest moved slots next, lowest peak last."""
     S, r2, h2, l2 = lay.S, rows[:, None], heavy[:, None], light[:, None]
     hs, ls = h2 * S + np.arange(S), l2 * S + np.arange(S)  # [A, S]
-    a, b = lay.phy[r2, hs], lay.phy[r2, ls]
-    at_a, at_b = (r2 * lay.E + a) * lay.G, (r2 * lay.E + b) * lay.G  # flat [layer, expert, 0] offsets
+    phy = lay.phy.ravel()
+    a, b = phy.take(r2 * lay.P + hs), phy.take(r2 * lay.P + ls)
+    ea, eb = r2 * lay.E + a, r2 * lay.E + b  # flat [layer, expert] offsets
+    at_a, at_b = ea * lay.G, eb * lay.G  # flat [layer, expert, 0] offsets
     holds, held = lay.holds.ravel(), lay.held.ravel()
-    # A rank never takes a second copy of an expert it holds.
-    blocked = (holds.take(at_a + l2) > 0)[:, :, None] | (holds.take(at_b + h2) > 0)[:, None, :]
     # Moved slots (a slot counts when its rank did not hold its expert before): a goes heavy -> light, b back.
     da = held.take(at_a + h2).astype(np.float64) - held.take(at_a + l2)
     db = held.take(at_b + l2).astype(np.float64) - held.take(at_b + h2)
-    Rh, Rl = lay.R[rows, heavy], lay.R[rows, light]
-    mean = np.where(lay.mean[rows] > 0, lay.mean[rows], 1.0)
-    d = lay.q[r2, a][:, :, None] - lay.q[r2, b][:, None, :]  # load moved heavy -> light
+    R = lay.R.ravel()
+    Rh, Rl = R.take(rows * lay.G + heavy), R.take(rows * lay.G + light)
+    mean = lay.mean.take(rows)
+    mean = np.where(mean > 0, mean, 1.0)
+    q = lay.q.ravel()
+    d = q.take(ea)[:, :, None] - q.take(eb)[:, None, :]  # load moved heavy -> light
+    # Exchanges ruled out get a penalty of _FAR or more (branch-free, unlike a masked write): d must lie in
+    # (eps, Rh - Rl - eps), and a rank never takes a second copy of an expert it holds.
     eps = (_TIE * Rh)[:, None, None]
-    ok = (d > eps) & (d < (Rh - Rl)[:, None, None] - eps) & ~blocked
-    # The pair's new peak is mid + |d - half|; rank by max(peak, target), then moved slots, then peak.
-    dev = np.abs(d - (0.5 * (Rh - Rl))[:, None, None])
+    out = np.less_equal(d, eps)
+    out |= np.greater_equal(d, (Rh - Rl)[:, None, None] - eps)
     cost_w = (_COST_TIE * mean)[:, None]
-    key = (np.maximum(dev, (target - 0.5 * (Rh + Rl))[:, None, None]) + (cost_w * da)[:, :, None]
-           + (cost_w * db)[:, None, :] + _TIE * dev)
-    key = np.where(ok, key, np.inf).reshape(len(rows), -1)
+    ta, tb = cost_w * da, cost_w * db
+    ta[holds.take(at_a + l2) > 0] += _FAR
+    tb[holds.take(at_b + h2) > 0] += _FAR
+    # The pair's new peak is mid + |d - half|; rank by max(peak, target), then moved slots, then peak.
+    dev = d - (0.5 * (Rh - Rl))[:, None, None]
+    np.abs(dev, out=dev)
+    key = np.maximum(dev, (target - 0.5 * (Rh + Rl))[:, None, None])
+    key += ta[:, :, None]
+    key += tb[:, None, :]
+    dev *= _TIE
+    key += dev
+    key += out * _FAR
+    key = key.reshape(len(rows), -1)
     best = key.argmin(axis=1)
     ia, ib = np.divmod(best, S)
     ar = np.arange(len(rows))
-    return _Swaps(ok=np.isfinite(key[ar, best]), slot_h=hs[ar, ia], slot_l=ls[ar, ib], xa=a[ar, ia], xb=b[ar, ib],
+    return _Swaps(ok=key[ar, best] < _FAR, slot_h=hs[ar, ia], slot_l=ls[ar, ib], xa=a[ar, ia], xb=b[ar, ib],
                   moved=d[ar, ia, ib], dcost=np.rint(da[ar, ia] + db[ar, ib]).astype(np.int64))
 
 
@@ -461,39 +476,51 @@ def _project(w: np.ndarray, old: np.ndarray, target: np.ndarray, num_gpus: int, 
     o, t = old.reshape(X, N), target.reshape(X, N)
     row = np.arange(X)[:, None]
     want = np.bincount((t + row * E).ravel(), minlength=X * E).reshape(X, E)
-    # Occurrence index of each slot's expert among the row's earlier slots.
-    order = np.argsort(o, axis=1, kind="stable")
-    so = np.take_along_axis(o, order, axis=1)
-    idx = np.broadcast_to(np.arange(N), (X, N))
-    first = np.ones((X, N), dtype=bool)
-    first[:, 1:] = so[:, 1:] != so[:, :-1]
-    occ = np.empty((X, N), dtype=np.int64)
-    np.put_along_axis(occ, order, idx - np.maximum.accumulate(np.where(first, idx, 0), axis=1), axis=1)
-    kept = occ < want[row, o]
-    have = np.bincount((o + row * E)[kept], minlength=X * E).reshape(X, E)
-    missing = (want - have).ravel()
+    key = (o + row * E).ravel()  # flat (row, expert) of each slot
+    now = np.bincount(key, minlength=X * E)
+    want_s, now_s = want.ravel().take(key), now.take(key)
+    # A slot keeps its expert while its occurrence index among the row's slots of that expert is below the
+    # copies wanted: all of them where the row wants as many copies as it has or more, none where it wants
+    # none; the occurrence index is needed only where it wants some but fewer.
+    kept = now_s <= want_s
+    some = np.flatnonzero((want_s > 0) & ~kept)
+    if some.size:
+        k = key[some]
+        by = np.argsort(k, kind="stable")  # slots in position order within each (row, expert)
+        sk = k[by]
+        pos = np.arange(sk.size)
+        first = np.ones(sk.size, dtype=bool)
+        first[1:] = sk[1:] != sk[:-1]
+        occ = pos - np.maximum.accumulate(np.where(first, pos, 0))
+        kept[some[by]] = occ < want_s[some[by]]
+    kept = kept.reshape(X, N)
+    missing = np.maximum(want.ravel() - now, 0)  # copies wanted beyond those kept
     lay_of = np.repeat(np.arange(layers), zones)
     cnt = np.bincount((target + np.arange(layers)[:, None] * E).ravel(),
                       minlength=layers * E).reshape(layers, E)
     per_replica = (w / np.maximum(cnt, 1))[lay_of]  # [X, E]
     q = per_replica.ravel()
-    items = np.repeat(np.arange(X * E), missing)  # flat (row, expert)
+    short = np.flatnonzero(missing)
+    items = np.repeat(short, missing[short])  # flat (row, expert)
     items = items[np.lexsort((-q[items], items // E))]
     n_in = np.bincount(items // E, minlength=X)
     start = np.concatenate([[0], np.cumsum(n_in)[:-1]])
     out = o.copy()
     loads = np.where(kept, np.take_along_axis(per_replica, o, axis=1), 0.0).reshape(X, Gz, S).sum(axis=2)
     free = ~kept.reshape(X, Gz, S)
-    for k in range(int(n_in.max(initial=0))):
-        rows = np.flatnonzero(n_in > k)
-        it = items[start[rows] + k]
-        e = it % E
-        has = free[rows].any(axis=2)
-        rank = np.where(has, loads[rows], np.inf).argmin(axis=1)
+    loads[~free.any(axis=2)] = np.inf  # a rank without a freed slot takes nothing
+    by_n = np.argsort(-n_in, kind="stable")
+    left = np.bincount(n_in, minlength=1)[::-1].cumsum()[::-1]  # left[k]: rows with >= k items
+    for k in range(1, int(n_in.max(initial=0)) + 1):
+        rows = by_n[:left[k]]  # rows with a k-th item
+        it = items[start[rows] + k - 1]
+        rank = loads[rows].argmin(axis=1)
         slot = free[rows, rank].argmax(axis=1)
         free[rows, rank, slot] = False
-        out[rows, rank * S + slot] = e
+        out[rows, rank * S + slot] = it % E
         loads[rows, rank] += q[it]
+        full = ~free[rows, rank].any(axis=1)
+        loads[rows[full], rank[full]] = np.inf
     return out.reshape(layers, num_physical)
 
 
