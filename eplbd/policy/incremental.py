@@ -434,7 +434,14 @@ def _copies(phy2log: np.ndarray, num_ranks: int, num_logical: int) -> np.ndarray
     layers, num_physical = phy2log.shape
     rank = np.arange(num_physical) // (num_physical // num_ranks)
     flat = ((np.arange(layers)[:, None] * num_logical + phy2log) * num_ranks + rank[None, :]).ravel()
-    out = np.bincount(flat, minlength=layers * num_logical * num_ranks).astype(np.int16)
+    out = np.zeros(layers * num_logical * num_ranks, dtype=np.int16)
+    out[flat] = 1
+    # A rank may hold an expert twice: count the repeats (equal neighbours once each rank's slots are sorted).
+    by_rank = np.sort(phy2log.reshape(layers, num_ranks, -1), axis=2)
+    again = by_rank[:, :, 1:] == by_rank[:, :, :-1]
+    if again.any():
+        lr, rk, _ = np.nonzero(again)
+        np.add.at(out, (lr * num_logical + by_rank[:, :, 1:][again]) * num_ranks + rk, 1)
     return out.reshape(layers, num_logical, num_ranks)
 
 
