@@ -250,34 +250,37 @@ class _Layout:
         goal = np.maximum(tgt, np.partition(R, G - 2, axis=1)[:, G - 2]) * (1 + _TIE)
         cap = tgt * (1 + _TIE)
         s2 = sub[:, None]
-        phy, cnt, w = self.phy[sub], self.cnt[sub], self.w[sub]
+        phy = self.phy[sub]
+        cnt, w, q = self.cnt.ravel(), self.w.ravel(), self.q.ravel()
         x = np.take_along_axis(phy, h[:, None] * S + np.arange(S), axis=1)  # [A, S] experts on the heavy rank
-        cx, wx = np.take_along_axis(cnt, x, axis=1), np.take_along_axis(w, x, axis=1)
+        ex = s2 * E + x  # flat [layer, expert]
+        cx, wx = cnt.take(ex), w.take(ex)
         add = wx / (cx + 1)
         holds = self.holds.ravel()
-        kx = holds.take((s2 * E + x) * G + h[:, None])
+        kx = holds.take(ex * G + h[:, None])
         rh_new = Rh[:, None] - kx * (wx / cx - add)
         # Donor slots: an expert with a spare replica, once on its rank, in the heavy rank's zone.
-        cb = np.take_along_axis(cnt, phy, axis=1)
+        eb = s2 * E + phy  # flat [layer, expert] of every slot
+        cb = cnt.take(eb)
         spare = cb >= 2
-        qb = np.take_along_axis(self.q[sub], phy, axis=1)
+        qb = q.take(eb)
         Rs = np.repeat(R, S, axis=1)
         top = np.full(sub.size * E, -np.inf)
-        key_b = np.arange(sub.size)[:, None] * E + phy
+        key_b = eb + ((np.arange(sub.size) - sub) * E)[:, None]  # [row of sub, expert]
         np.maximum.at(top, key_b[spare], Rs[spare])
-        rise = np.take_along_axis(w, phy, axis=1) / np.maximum(cb - 1, 1) - qb
+        rise = w.take(eb) / np.maximum(cb - 1, 1) - qb
         other = np.where(spare, top.take(key_b) + rise, np.inf)  # conservative: max over every holder, this one too
         ok = (spare & (other <= cap[:, None]) & (self.slot_rank[None, :] != h[:, None])
               & ((self.slot_rank // self.Gz)[None, :] == (h // self.Gz)[:, None])
-              & (holds.take((s2 * E + phy) * G + self.slot_rank[None, :]) == 1))
+              & (holds.take(eb * G + self.slot_rank[None, :]) == 1))
         base = np.where(ok, Rs - qb, np.inf)
         cand = np.argpartition(base, D - 1, axis=1)[:, :D]  # [A, D] donor slots, lightest after the drop
         cbase = np.take_along_axis(base, cand, axis=1)
         crank = self.slot_rank[cand]
         new_r = cbase[:, None, :] + add[:, :, None]  # [A, S, D]
-        x_at = (s2[:, :, None] * E + x[:, :, None]) * G + crank[:, None, :]
+        x_at = ex[:, :, None] * G + crank[:, None, :]
         held = self.held.ravel()
-        dcost = (held.take((s2 * E + np.take_along_axis(phy, cand, axis=1)) * G + crank)[:, None, :].astype(np.int64)
+        dcost = (held.take(np.take_along_axis(eb, cand, axis=1) * G + crank)[:, None, :].astype(np.int64)
                  - held.take(x_at))
         peak = np.maximum(np.maximum(rh_new[:, :, None], new_r), np.take_along_axis(other, cand, axis=1)[:, None, :])
         good = (np.isfinite(cbase)[:, None, :] & (holds.take(x_at) == 0) & (rh_new[:, :, None] <= goal[:, None, None])
