@@ -608,13 +608,18 @@ def _pick(cost: np.ndarray, bal: np.ndarray, budget: int | None, goal: float) ->
     layers at the margin drop to their cheaper option while the goal still holds.
     """
     lay = np.arange(cost.shape[1])
-    tie = 1e-12 * cost
+    # [layers, options], contiguous per layer (the bisection's argmax runs along the options).
+    cost_t, bal_t = np.ascontiguousarray(cost.T), np.ascontiguousarray(bal.T)
+    cost_f, tie, buf = cost_t.astype(np.float64), 1e-12 * cost_t, np.empty(cost_t.shape)
 
-    def at(price: float) -> np.ndarray:
-        return (bal - price * cost - tie).argmax(axis=0)
+    def at(price: float) -> np.ndarray:  # (bal - price * cost - tie).argmax(axis=0), in place
+        np.multiply(cost_f, price, out=buf)
+        np.subtract(bal_t, buf, out=buf)
+        np.subtract(buf, tie, out=buf)
+        return buf.argmax(axis=1)
 
     def fits(p: np.ndarray) -> bool:
-        return bool(cost[p, lay].sum() <= budget) if budget is not None else bool(bal[p, lay].sum() >= goal)
+        return bool(cost_t[lay, p].sum() <= budget) if budget is not None else bool(bal_t[lay, p].sum() >= goal)
 
     if fits(at(0.0)) == (budget is not None):  # the budget buys the best, or the goal is out of reach
         return at(0.0)
