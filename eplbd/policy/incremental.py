@@ -334,10 +334,13 @@ class _Layout:
         dcost, moved = np.zeros(heavy.shape, dtype=np.int64), np.zeros(heavy.shape)
         dcost[ri, cols], moved[ri, cols] = np.where(swap.ok, swap.dcost, 0), swap.moved
         # Options: pairs by heavy load; peak after the first k = max(new loads of those k, old loads of the rest).
-        by = np.argsort(-Rh, axis=1, kind="stable") if self.Gz < self.G else np.broadcast_to(
-            np.arange(heavy.shape[1]), heavy.shape)  # one zone: pairs() already ranks by load
-        old_pair = np.take_along_axis(np.maximum(Rh, Rl), by, axis=1)
-        new_pair = np.take_along_axis(np.where(go, np.maximum(Rh - moved, Rl + moved), np.maximum(Rh, Rl)), by, 1)
+        old_pair = np.maximum(Rh, Rl)
+        new_pair = np.where(go, np.maximum(Rh - moved, Rl + moved), old_pair)
+        by = None  # one zone: pairs() already ranks by load
+        if self.Gz < self.G:
+            by = np.argsort(-Rh, axis=1, kind="stable")
+            old_pair = np.take_along_axis(old_pair, by, axis=1)
+            new_pair = np.take_along_axis(new_pair, by, axis=1)
         rest = np.maximum.accumulate(old_pair[:, ::-1], axis=1)[:, ::-1]
         rest = np.concatenate([rest[:, 1:], np.full((A, 1), -np.inf)], axis=1)
         if 2 * heavy.shape[1] < self.G:  # odd zones leave one rank per zone unpaired
@@ -348,24 +351,30 @@ class _Layout:
         peak = np.maximum(np.maximum.accumulate(new_pair, axis=1), rest)
         base = len(opts.cost)
         cost = np.repeat(opts.cost[-1][None], heavy.shape[1], axis=0)
-        cost[:, act] = (opts.cost[-1][act][:, None] + np.cumsum(np.take_along_axis(dcost, by, axis=1), axis=1)).T
+        cost[:, act] = (opts.cost[-1][act][:, None]
+                        + np.cumsum(dcost if by is None else np.take_along_axis(dcost, by, axis=1), axis=1)).T
         bal = np.repeat(opts.bal[-1][None], heavy.shape[1], axis=0)
         mean = self.mean[act][:, None]
         bal[:, act] = np.where(peak > 0, mean / np.where(peak > 0, peak, 1.0), 1.0).T
         opts.cost.extend(cost)
         opts.bal.extend(bal)
-        rank_in = np.empty_like(by)
-        np.put_along_axis(rank_in, by, np.arange(by.shape[1])[None, :].repeat(A, 0), axis=1)
         sel = swap.ok
         i, c, hs, ls, xa, xb = ri[sel], cols[sel], swap.slot_h[sel], swap.slot_l[sel], swap.xa[sel], swap.xb[sel]
         r, h, l = act[i], heavy[i, c], light[i, c]
         self.phy[r, hs], self.phy[r, ls] = xb, xa
         self.R[r, h] -= swap.moved[sel]
         self.R[r, l] += swap.moved[sel]
+        holds, E, G = self.holds.ravel(), self.E, self.G
         for expert, give, take in ((xa, h, l), (xb, l, h)):
-            self.holds[r, expert, give] -= 1
-            self.holds[r, expert, take] += 1
-        option = base + rank_in[i, c]
+            at = (r * E + expert) * G
+            holds[at + give] -= 1
+            holds[at + take] += 1
+        if by is None:
+            option = base + c
+        else:
+            rank_in = np.empty_like(by)
+            np.put_along_axis(rank_in, by, np.arange(by.shape[1])[None, :].repeat(A, 0), axis=1)
+            option = base + rank_in[i, c]
         opts.changes.append((np.concatenate([r, r]), np.concatenate([hs, ls]), np.concatenate([xb, xa]),
                              np.concatenate([option, option])))
         out = np.zeros(self.L, dtype=bool)
