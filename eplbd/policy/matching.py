@@ -163,8 +163,16 @@ def rank_overlap(new: np.ndarray, old: np.ndarray, num_ranks: int, num_logical: 
     """
     layers, num_physical = new.shape
     held = held_by_rank(old, num_ranks, num_logical) if held is None else held
-    per_slot = held[np.arange(layers)[:, None], new]  # [layers, num_physical, old ranks]
-    return per_slot.reshape(layers, num_ranks, num_physical // num_ranks, num_ranks).sum(axis=2, dtype=np.int64)
+    local = num_physical // num_ranks
+    flat = (np.arange(layers)[:, None] * held.shape[1] + new).ravel()
+    per_slot = held.reshape(-1, num_ranks).take(flat, axis=0)  # [layers * num_physical, old ranks]
+    per_slot = per_slot.reshape(layers, num_ranks, local, num_ranks)
+    if local > 32:
+        return per_slot.sum(axis=2, dtype=np.int64)
+    out = per_slot[:, :, 0].astype(np.int64)  # a few in-place adds beat a strided reduction here
+    for slot in range(1, local):
+        out += per_slot[:, :, slot]
+    return out
 
 
 def stable_rank_order(new: np.ndarray, old: np.ndarray, num_ranks: int, num_nodes: int,
