@@ -11,7 +11,7 @@ mean over layers) is predicted on B for the placement in force (``before``), the
   count for vLLM's full re-plan (target <= 15);
 - ``ms`` = one ``incremental`` call, and one call of vLLM's own policy (the real one where the vllm
   package imports, else eplbd's ``default``, which the tests hold to be bit-identical; the header says
-  which).
+  which): each the median of ``--runs`` calls (3) on the case's inputs, after one untimed warm-up call.
 
 Workloads (``../shared/data``, see its README):
 
@@ -178,7 +178,9 @@ def vllm_policy():  # noqa: ANN201
 
 
 def timed(fn, runs: int = 3):  # noqa: ANN001, ANN201
-    """(result, median ms over ``runs`` calls)."""
+    """(result, median ms over ``runs`` calls), after one untimed call (warm caches and allocator, for
+    vLLM's policy and ours alike: both are timed by this function on the same inputs)."""
+    fn()
     times, out = [], None
     for _ in range(runs):
         t0 = time.perf_counter()
