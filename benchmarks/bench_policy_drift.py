@@ -109,7 +109,7 @@ def oss_domains(rng: np.random.Generator) -> list[tuple[str, str, np.ndarray, np
 
 
 def oss_trace(window: int = 400) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
-    from eplbd.trace import convert_routing_file
+    from eplbd.offline.trace import convert_routing_file
 
     load = convert_routing_file(ROUTING, batch=64, order="file").load.astype(np.float64)
     wins = [load[s:s + window].sum(0) for s in range(0, load.shape[0] - window + 1, window)]

@@ -57,7 +57,7 @@ def dsv3_trace(base: np.ndarray, seed: int = 0, derivation: str = "stream") -> n
 
 def compare(trace, topo, redundant: int) -> dict:  # noqa: ANN001
     from eplbd.config import EplbConfig
-    from eplbd.replay import replay
+    from eplbd.offline.replay import replay
 
     cfg = EplbConfig(window_size=200, step_interval=200, num_redundant_experts=redundant, min_gain=0.0)
     d = replay(trace, topo, cfg, policy="default")
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    from eplbd.scheduler import Topology
-    from eplbd.trace import Trace, convert_routing_file
+    from eplbd.daemon.scheduler import Topology
+    from eplbd.offline.trace import Trace, convert_routing_file
 
     torch.set_num_threads(1)
     base = convert_routing_file(ROUTING, batch=64, order="shuffle")

@@ -193,7 +193,7 @@ def part_transfer(args) -> dict:
 
 def part_steps(args) -> dict:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from eplbd.demo import DemoConfig, run_demo
+    from eplbd.refengine.demo import DemoConfig, run_demo
 
     runs = {}
     base = dict(ranks=4, steps=args.demo_steps, communicator="torch_gloo", window_size=100, step_interval=150)

@@ -1,7 +1,7 @@
 """Elastic EP on an engine rank: fill the expert slots of a resized group.
 
 After an operator (or the engine's controller) resized the group (``eplbctl resize``, see
-``eplbd.resize``), each rank of the *new* group, once the engine has rebuilt its torch.distributed
+``eplbd.daemon.resize``), each rank of the *new* group, once the engine has rebuilt its torch.distributed
 group for it:
 
 1. fetches the transition from the daemon (``fetch_resize``): the new placement, the old one in
@@ -12,7 +12,7 @@ group for it:
 3. calls ``rebuild_experts`` (collective over the new group): it reloads the orphans it was given
    through the engine's hook ``model.load_expert_weights_(layer, local_slot, logical)``, then runs,
    layer by layer, the ordinary transfer schedule (``eplbd.client.schedule``) from what the slots hold
-   then (``eplbd.elastic.transition_rows``) to the new placement: experts move from the ranks that
+   then (``eplbd.policy.elastic.transition_rows``) to the new placement: experts move from the ranks that
    have them, each tensor of an expert with it, staged and then copied into the live slots;
 4. starts a ``PlacementAgent`` on the new placement at the resize's epoch, which registers with the
    daemon as a rank of the new group.
@@ -40,11 +40,11 @@ import torch
 from eplbd.client.agent import make_communicator
 from eplbd.client.schedule import layer_schedule
 from eplbd.client.worker import WorkerLink
-from eplbd.elastic import EMPTY, reload_slots, transition_rows
+from eplbd.policy.elastic import EMPTY, reload_slots, transition_rows
 from eplbd.errors import InvalidArgumentError, NotFoundError, PlacementError, UnavailableError
 from eplbd.proto import GetResizeRequest, ResizeReply
 
-log = logging.getLogger("eplbd.elastic")
+log = logging.getLogger("eplbd.policy.elastic")
 
 
 @dataclasses.dataclass

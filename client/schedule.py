@@ -84,7 +84,7 @@ def layer_schedule(layer: int, old: torch.Tensor, new: torch.Tensor, ep_size: in
     Args:
         layer: layer index (carried into the transfers).
         old, new: ``[num_physical]`` integer phy2log rows. A negative entry of ``old`` is an empty
-            slot (a rank that just joined the group, see ``eplbd.elastic``): it sends nothing.
+            slot (a rank that just joined the group, see ``eplbd.policy.elastic``): it sends nothing.
         ep_size: ranks; ``num_physical`` must divide by it.
     """
     old_l, new_l = [int(x) for x in old.tolist()], [int(x) for x in new.tolist()]

@@ -55,7 +55,7 @@ def _plan_line(status: Any) -> str:
 
 def frame_lines(status: Any, bal: Any, args: argparse.Namespace) -> list[str]:
     """One human frame from a ``StatusReply`` and a ``BalancednessReply`` (may be an error text)."""
-    from eplbd.client.ctl import render_balancedness, table
+    from eplbd.client.render import render_balancedness, table
 
     out = [_plan_line(status)]
     if isinstance(bal, str):
@@ -81,7 +81,7 @@ def _poll(client: Any) -> tuple[Any, Any]:
 
 
 def _json_line(status: Any, bal: Any, error: str = "") -> str:
-    from eplbd.client.ctl import to_jsonable
+    from eplbd.client.render import to_jsonable
 
     doc: dict[str, Any] = {"ts": round(time.time(), 3), "reachable": status is not None}
     if status is None:

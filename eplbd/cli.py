@@ -91,7 +91,7 @@ def _load_any_trace(path: str, batch: int, order: str, quiet: bool, layers=None)
 
 
 def _read_any_trace(path: str, batch: int, order: str, quiet: bool):
-    from eplbd.trace import convert_routing_file, is_token_routing, load_trace
+    from eplbd.offline.trace import convert_routing_file, is_token_routing, load_trace
 
     if is_token_routing(path):
         t0 = time.perf_counter()
@@ -108,8 +108,8 @@ def _read_any_trace(path: str, batch: int, order: str, quiet: bool):
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from eplbd.config import make_eplb_config
-    from eplbd.replay import replay, stderr_progress
-    from eplbd.scheduler import Topology
+    from eplbd.offline.replay import replay, stderr_progress
+    from eplbd.daemon.scheduler import Topology
 
     trace = _load_any_trace(args.trace, args.batch, args.order, args.json, _layer_axis(args))
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
@@ -132,7 +132,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     results = [replay(trace, topo, config, policy=name, placement=args.placement,
                       expert_bytes=args.expert_bytes, progress=progress) for name in policies]
     if args.plot:
-        from eplbd.replay import plot_balancedness
+        from eplbd.offline.replay import plot_balancedness
 
         plot_balancedness(results, args.plot)
     if args.json:
@@ -185,7 +185,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from eplbd.trace import convert_routing_file, save_trace
+    from eplbd.offline.trace import convert_routing_file, save_trace
 
     trace = convert_routing_file(args.routing, batch=args.batch, order=args.order, seed=args.seed,
                                  drop_repetitive=not args.keep_repetitive)
@@ -224,7 +224,7 @@ def _out_format(fmt: str, output: str, ours: str, json_default: str) -> str:
 
 def _cmd_convert_placement(args: argparse.Namespace) -> int:
     from eplbd.integrations.sglang import write_placement
-    from eplbd.plans import read_placement_file, write_placement_file
+    from eplbd.daemon.plans import read_placement_file, write_placement_file
 
     layers = _layer_axis(args)
     phy2log = read_placement_file(args.input)
@@ -246,7 +246,7 @@ def _layers_note(layers) -> str:
 
 def _cmd_convert_load(args: argparse.Namespace) -> int:
     from eplbd.integrations.sglang import write_load
-    from eplbd.trace import save_trace
+    from eplbd.offline.trace import save_trace
 
     layers = _layer_axis(args)
     trace = _load_any_trace(args.input, 64, "shuffle", True, layers)
@@ -262,7 +262,7 @@ def _cmd_convert_load(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from eplbd.demo import DEFAULT_TRACE
+    from eplbd.refengine.demo import DEFAULT_TRACE
 
     p = sub.add_parser("demo", allow_abbrev=False, help="embedded daemon + N worker processes of the reference model",
                        description="Start an embedded daemon and N CPU worker processes of the reference EP MoE "
@@ -282,14 +282,14 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from eplbd.demo import main_from_args
+    from eplbd.refengine.demo import main_from_args
 
     setup_logging("WARNING", False)
     return main_from_args(args)
 
 
 def _add_launch(sub: argparse._SubParsersAction) -> None:
-    from eplbd.launch import add_arguments
+    from eplbd.refengine.launch import add_arguments
 
     p = sub.add_parser("launch", allow_abbrev=False, help="eplbd serve + N engine ranks under torchrun",
                        description="Start eplbd serve, then N ranks of the reference model (or your engine, "
@@ -300,7 +300,7 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
-    from eplbd.launch import main_from_args
+    from eplbd.refengine.launch import main_from_args
 
     setup_logging("WARNING", False)
     return main_from_args(args)
@@ -340,7 +340,7 @@ def setup_logging(level: str = "INFO", as_json: bool = False) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
-    from eplbd.server import serve
+    from eplbd.daemon.server import serve
     from eplbd.settings import settings_from_args
 
     settings = settings_from_args(args)
@@ -361,7 +361,7 @@ def _add_keygen(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from eplbd.auth import keygen
+    from eplbd.daemon.auth import keygen
 
     public, secret = keygen(args.dir, args.name)
     print(f"wrote {public} (public: give it to the other side) and {secret} (secret: keep it here)")

@@ -51,7 +51,7 @@ class EplbConfig(BaseModel):
     # Gating: a plan whose predicted gain in mean balancedness is below this is skipped.
     min_gain: float = Field(default=0.01, ge=0.0, le=1.0, description="Minimum predicted balancedness gain.")
     # Movement-aware gating: a plan's cost is its moved bytes (slots x the expert bytes the ranks
-    # registered) over the group's transfer bandwidth; see eplbd.scheduler.propose.
+    # registered) over the group's transfer bandwidth; see eplbd.daemon.scheduler.propose.
     min_gain_per_transfer_s: float = Field(
         default=0.01, ge=0.0, description="Skip a plan whose predicted gain per second of expert transfer "
                                           "is below this (0 = off).")

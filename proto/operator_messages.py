@@ -106,7 +106,7 @@ class StatusReply(MessageBase):
     # silent_load_warn_steps: the engine steps but its layers record no load (nothing to balance on).
     silent_load_steps: int = 0
     load_silent: bool = False
-    # Worker requests naming a rank that were refused: "Message:reason" -> count (eplbd.state.REFUSAL_REASONS).
+    # Worker requests naming a rank that were refused: "Message:reason" -> count (eplbd.daemon.state.REFUSAL_REASONS).
     messages_refused: dict[str, int] = msgspec.field(default_factory=dict)
 
 
@@ -228,7 +228,7 @@ class ConfigReply(MessageBase):
     config: dict[str, Any]
 
 
-# --- elastic EP (see eplbd.elastic) ---------------------------------------------
+# --- elastic EP (see eplbd.policy.elastic) ---------------------------------------------
 class ResizeInfo(msgspec.Struct, kw_only=True):
     """A resize of the EP group (ranks left or joined), as ``status`` shows it.
 

@@ -11,7 +11,7 @@ import uvloop
 
 from eplbd.client.worker import WorkerLink
 from eplbd.policy import initial_placement
-from eplbd.server import Daemon
+from eplbd.daemon.server import Daemon
 from eplbd.settings import load_settings
 
 L, E, G, R = 3, 8, 4, 4  # layers, logical experts, ranks, redundant slots

@@ -18,7 +18,7 @@ import zmq
 
 from daemon_helpers import E, G, L, P, DaemonThread, wait_for
 from eplbd import errors
-from eplbd.auth import ROLE_REQUESTS, WORKER, is_loopback, keygen, load_curve
+from eplbd.daemon.auth import ROLE_REQUESTS, WORKER, is_loopback, keygen, load_curve
 from eplbd.cli import main as eplbd_main
 from eplbd.client.ctl import main as eplbctl_main
 from eplbd.client.rpc import EplbClient
@@ -150,7 +150,7 @@ def _agent_rank(rpc: str, ingest: str, init_file: str, steps: int, out) -> None:
     import torch.distributed as dist
 
     from eplbd.client.agent import PlacementAgent
-    from eplbd.refmodel import RefMoEConfig, RefMoEModel, make_inputs
+    from eplbd.refengine.model import RefMoEConfig, RefMoEModel, make_inputs
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
@@ -279,16 +279,16 @@ def test_roles_split_the_requests():
 
 
 def test_non_loopback_bind_without_curve_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="eplbd.auth"):
+    with caplog.at_level(logging.WARNING, logger="eplbd.daemon.auth"):
         with DaemonThread(rpc="tcp://0.0.0.0:0"):
             pass
-    warned = [r for r in caplog.records if r.name == "eplbd.auth" and r.levelno == logging.WARNING]
+    warned = [r for r in caplog.records if r.name == "eplbd.daemon.auth" and r.levelno == logging.WARNING]
     assert len(warned) == 1 and "rpc=tcp://0.0.0.0:0 is not a loopback address and CURVE is off" in warned[0].message
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="eplbd.auth"):
+    with caplog.at_level(logging.WARNING, logger="eplbd.daemon.auth"):
         with DaemonThread():
             pass
-    assert not [r for r in caplog.records if r.name == "eplbd.auth"]
+    assert not [r for r in caplog.records if r.name == "eplbd.daemon.auth"]
 
 
 @pytest.mark.parametrize("endpoint,local", [

@@ -17,8 +17,8 @@ from eplbd.client.rpc import EplbClient
 from eplbd.client.worker import WorkerLink
 from eplbd.policy import initial_placement
 from eplbd.proto import Decoder, Encoder, ErrorReply, ResizeReply, ResizeRequest, make_socket
-from eplbd.server import MAX_PENDING
-from eplbd.window import LoadWindow, window_bytes
+from eplbd.daemon.server import MAX_PENDING
+from eplbd.daemon.window import LoadWindow, window_bytes
 
 
 def _register_shape(d: DaemonThread, layers: int, experts: int, ep_size: int = 1) -> None:

@@ -138,7 +138,7 @@ def test_metrics_and_probes():
 
 
 def test_balancedness_log_line(caplog):
-    caplog.set_level(logging.INFO, logger="eplbd.server")
+    caplog.set_level(logging.INFO, logger="eplbd.daemon.server")
     with DaemonThread(step_interval=10_000, log_balancedness=True, log_balancedness_interval=5) as d:
         links, phy2log = make_ranks(d)
         feed(links, phy2log, 12)

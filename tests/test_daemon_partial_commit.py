@@ -5,7 +5,7 @@ import torch
 
 from daemon_helpers import G, L, DaemonThread, make_ranks, skewed_step_load, wait_for
 from eplbd.proto import Abort, Commit, Plan
-from eplbd.window import physical_to_logical
+from eplbd.daemon.window import physical_to_logical
 
 
 def _plan_everywhere(d, links, phy2log):
@@ -103,7 +103,7 @@ def test_a_truncated_plan_whose_acks_time_out_is_committed_never_taken_back():
 
 
 def test_plan_history_is_bounded():
-    from eplbd import state as state_mod
+    from eplbd.daemon import state as state_mod
 
     with DaemonThread(step_interval=1, window_size=100, min_gain=0.0) as d:
         links, phy2log = make_ranks(d)

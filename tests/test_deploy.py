@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from eplbd.server import sd_notify
+from eplbd.daemon.server import sd_notify
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

@@ -141,7 +141,7 @@ def test_service_and_servicemonitor_select_the_daemon():
 
 
 def test_sidecar_example_wires_the_engine_to_its_daemon(tmp_path):
-    from eplbd.refengine import build_parser
+    from eplbd.refengine.rank import build_parser
 
     cm = one("sidecar-example.yaml", "ConfigMap")
     dep, mon = one("sidecar-example.yaml", "Deployment"), one("sidecar-example.yaml", "PodMonitor")

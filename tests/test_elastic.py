@@ -7,10 +7,10 @@ from hypothesis import given, settings, strategies as st
 from test_schedule import simulate
 
 from eplbd.client.schedule import layer_schedule
-from eplbd.elastic import (EMPTY, elastic_placement, parse_mapping, reload_slots, transition_rows)
+from eplbd.policy.elastic import (EMPTY, elastic_placement, parse_mapping, reload_slots, transition_rows)
 from eplbd.errors import InvalidArgumentError, PlacementError
 from eplbd.policy import validate_placement
-from eplbd.window import LoadWindow
+from eplbd.daemon.window import LoadWindow
 
 # 4 ranks x 3 slots, 8 experts. Rank 3 holds the only copy of 7 in layer 0 and of 0 and 1 in layer 1.
 OLD = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0, 1, 7, 2, 3],
@@ -159,7 +159,7 @@ def test_window_reshape_keeps_the_logical_view():
 
 # -- the reference model's side of a rebuild ------------------------------------------------------------
 def test_refmodel_adopts_slot_tensors_and_reloads_experts_through_its_hook():
-    from eplbd.refmodel import (RefMoEConfig, RefMoEModel, local_expert_weights, make_inputs, reference_forward,
+    from eplbd.refengine.model import (RefMoEConfig, RefMoEModel, local_expert_weights, make_inputs, reference_forward,
                                 unfilled_expert_weights)
 
     cfg = RefMoEConfig(num_layers=2, hidden=16, ffn=32, num_logical=E, top_k=2, num_redundant=4, ep_size=1)

@@ -23,7 +23,7 @@ import torch
 
 from daemon_helpers import DaemonThread, wait_for
 from eplbd.client.rpc import EplbClient
-from eplbd.demo import _free_port
+from eplbd.refengine.embedded import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -36,7 +36,7 @@ WAIT_S = 90.0
 
 
 def config(world: int):
-    from eplbd.refmodel import RefMoEConfig
+    from eplbd.refengine.model import RefMoEConfig
     return RefMoEConfig(num_redundant=world * NL - SHAPE["num_logical"], ep_size=world, **SHAPE)
 
 
@@ -46,7 +46,7 @@ def _serve(rank: int, world: int, model, agent_args: dict, first_step: int) -> d
     import torch.distributed as dist
 
     from eplbd.client.agent import PlacementAgent, placement_check
-    from eplbd.refmodel import logical_expert_weights, make_inputs
+    from eplbd.refengine.model import logical_expert_weights, make_inputs
 
     cfg = config(world)
     agent = PlacementAgent(model, rank=rank, ep_size=world, commit_interval_steps=4, communicator="torch_gloo",
@@ -80,7 +80,7 @@ def _rebuild(rank: int, world: int, rpc: str, ingest: str, old_model, old_phy2lo
 
     from eplbd.client.elastic import fetch_resize, rebuild_experts
     from eplbd.client.worker import WorkerLink
-    from eplbd.refmodel import RefMoEModel, unfilled_expert_weights
+    from eplbd.refengine.model import RefMoEModel, unfilled_expert_weights
 
     link = WorkerLink(rpc, ingest, rank, timeout=10)
     try:
@@ -98,7 +98,7 @@ def _rank_main(rank: int, world: int, port: int, rpc: str, ingest: str, joining:
     ("exit",) commands. A rank mapped to -1 leaves (its process ends)."""
     import torch.distributed as dist
 
-    from eplbd.refmodel import RefMoEModel
+    from eplbd.refengine.model import RefMoEModel
 
     torch.set_num_threads(1)
     agent = None
@@ -164,7 +164,7 @@ class Group:
         return sorted(got, key=lambda r: r["rank"])
 
     def resize(self, mapping: list[int], world: int, first_step: int) -> None:
-        port = _free_port()
+        port = free_port()
         old = self.procs
         self.procs = {}
         for rank, new in enumerate(mapping):
@@ -193,7 +193,7 @@ def probe_output(results: list[dict]) -> torch.Tensor:
 
 
 def test_shrink_to_three_ranks_and_grow_back_keeps_outputs_identical():
-    from eplbd.refmodel import make_inputs, reference_forward
+    from eplbd.refengine.model import make_inputs, reference_forward
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the ranks: the bitwise guarantee assumes one thread count
@@ -204,7 +204,7 @@ def test_shrink_to_three_ranks_and_grow_back_keeps_outputs_identical():
     with DaemonThread(step_interval=100_000, heartbeat_timeout_s=30) as d, EplbClient(d.rpc, timeout=10) as c:
         group = Group(d)
         try:
-            port = _free_port()
+            port = free_port()
             for rank in range(4):
                 group.spawn(rank, 4, port, joining=False)
             four = group.results(4)

@@ -16,7 +16,7 @@ import pytest
 
 from daemon_helpers import G, L, P, make_ranks, skewed_step_load, wait_for
 from eplbd.client.rpc import EplbClient
-from eplbd.trace import load_trace
+from eplbd.offline.trace import load_trace
 
 STEPS = 20
 CTL_TIMEOUT_S = 60  # per eplbctl subprocess (it imports torch: ~2 s)

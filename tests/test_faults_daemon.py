@@ -12,13 +12,12 @@ import time
 import pytest
 import torch
 
-from eplbd.demo import DEFAULT_TRACE, DemoConfig, run_demo
-from eplbd.demo_faults import DemoHooks
+from eplbd.refengine.demo import DemoConfig, run_demo
+from eplbd.refengine.faults import DemoHooks
 from eplbd.policy import initial_placement
 from test_faults_ranks import SMALL
 
-pytestmark = [pytest.mark.timeout(240),
-              pytest.mark.skipif(not DEFAULT_TRACE.is_file(), reason=f"routing trace {DEFAULT_TRACE} not present")]
+pytestmark = [pytest.mark.timeout(240)]
 
 WAIT = 60
 

@@ -4,23 +4,22 @@
 - messages duplicated and reordered both ways;
 - a rank whose load sender is throttled.
 
-Each is ``eplbd.demo.run_demo`` with fault options (``eplbd.demo_faults``).
+Each is ``eplbd.refengine.demo.run_demo`` with fault options (``eplbd.refengine.faults``).
 """
 
 import numpy as np
 import pytest
 import torch
 
-from eplbd.demo import DEFAULT_TRACE, DemoConfig, run_demo
-from eplbd.demo_faults import DemoHooks
+from eplbd.refengine.demo import DemoConfig, run_demo
+from eplbd.refengine.faults import DemoHooks
 from eplbd.policy import observed_balancedness
 
 SMALL = dict(ranks=3, layers=3, num_logical=32, top_k=4, num_redundant=4, hidden=16, ffn=32, tokens_per_rank=8,
              steps=200, window_size=16, step_interval=24, commit_interval_steps=4, staging_budget_bytes=1,
              communicator="torch_gloo", check_weights=True, timeout_s=120)
 
-pytestmark = [pytest.mark.timeout(180),
-              pytest.mark.skipif(not DEFAULT_TRACE.is_file(), reason=f"routing trace {DEFAULT_TRACE} not present")]
+pytestmark = [pytest.mark.timeout(180)]
 
 
 def status_and_survivors(h, results):

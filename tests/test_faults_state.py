@@ -10,7 +10,7 @@ from eplbd.chaos import MessageChaos
 from eplbd.policy import initial_placement
 from eplbd.proto import Abort, Ack, Commit, Heartbeat, LayerReady, LoadReport, Plan, RegisterWorker
 from eplbd.settings import load_settings
-from eplbd.state import DaemonState, Sender
+from eplbd.daemon.state import DaemonState, Sender
 
 NOW = 1000.0
 

@@ -36,7 +36,7 @@ from eplbd.proto import (REPLY_TYPES, Abort, Ack, BalancednessRequest, Decoder, 
                          LayerReady, LoadPlacementRequest, LoadReport, OkReply, RebalanceRequest, RegisterWorker,
                          SetConfigRequest, StatusRequest)
 from eplbd.settings import FIELDS, DaemonSettings, load_settings
-from eplbd.trace import load_trace
+from eplbd.offline.trace import load_trace
 
 SEED = 20_260_601
 N_RANDOM_PER_SOCKET = 2500

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from eplbd.demo import DEFAULT_TRACE, DemoConfig
+from eplbd.refengine.demo import DemoConfig
 from eplbd.errors import ConfigError, InvalidArgumentError
-from eplbd.launch import REFERENCE_DAEMON, LaunchConfig, config_from_args, daemon_settings, engine_env
-from eplbd.refengine import add_rank_arguments, daemon_wiring, main as refengine_main, rank_argv, rank_config
+from eplbd.refengine.launch import REFERENCE_DAEMON, LaunchConfig, config_from_args, daemon_settings, engine_env
+from eplbd.refengine.rank import add_rank_arguments, daemon_wiring, main as refengine_main, rank_argv, rank_config
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -45,7 +45,6 @@ def alive(pid: int) -> bool:
     return pathlib.Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
-@pytest.mark.skipif(not DEFAULT_TRACE.is_file(), reason=f"routing trace {DEFAULT_TRACE} not present")
 def test_launch_runs_torchrun_ranks_that_commit_plans_and_stops_the_daemon(tmp_path):
     out = subprocess.run([*EPLBD, "launch", "--json", "--ranks", "2", "--steps", "200", *SMALL,
                           "--result-dir", str(tmp_path)], capture_output=True, text=True, timeout=170)
@@ -124,7 +123,7 @@ def test_a_daemon_that_cannot_start_is_reported_with_its_log(tmp_path):
     import socket
 
     from eplbd.errors import UnavailableError
-    from eplbd.launch import launch
+    from eplbd.refengine.launch import launch
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -3,7 +3,7 @@ import asyncio
 import pytest
 import uvloop
 
-from eplbd.metrics import CONTENT_TYPE, MetricsServer, Registry
+from eplbd.daemon.metrics import CONTENT_TYPE, MetricsServer, Registry
 
 GOLDEN = """\
 # HELP eplbd_reports_total Load reports received.

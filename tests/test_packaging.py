@@ -2,7 +2,7 @@ import pathlib
 import subprocess
 import sys
 
-from eplbd import example_config
+from eplbd.offline import example_config
 from eplbd.settings import load_settings, settings_doc
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -10,7 +10,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def test_example_toml_is_current_and_loads():
     path = REPO / "deploy" / "eplbd.example.toml"
-    assert path.read_text() == example_config.render(), "regenerate: python -m eplbd.example_config"
+    assert path.read_text() == example_config.render(), "regenerate: python -m eplbd.offline.example_config"
     s = load_settings(config_file=path, env={}, cli={})
     for name, default, env, _ in settings_doc():
         assert env in path.read_text()
@@ -19,7 +19,7 @@ def test_example_toml_is_current_and_loads():
 
 def test_worker_side_imports_stay_light():
     code = ("import sys, eplbd.client.worker, eplbd.client.rpc, eplbd.proto; "
-            "heavy = [m for m in ('uvloop', 'pydantic', 'eplbd.policy', 'eplbd.server', 'eplbd.state') "
+            "heavy = [m for m in ('uvloop', 'pydantic', 'eplbd.policy', 'eplbd.daemon.server', 'eplbd.daemon.state') "
             "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr

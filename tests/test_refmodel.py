@@ -1,4 +1,4 @@
-"""The reference EP MoE model (eplbd.refmodel): real gloo process groups, no mocks.
+"""The reference EP MoE model (eplbd.refengine.model): real gloo process groups, no mocks.
 
 The distributed checks run in one spawn of 4 processes: a 4-rank EP group (WORLD), then a 2-rank
 one (the subgroup {0, 1}). Each rank runs many forwards (three placements x router/trace mode x
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from eplbd.errors import InvalidArgumentError, PlacementError, TraceError
 from eplbd.policy.placement import derive_log2phy, initial_placement, validate_placement
-from eplbd.refmodel import (
+from eplbd.refengine.model import (
     RefMoEConfig,
     RefMoEModel,
     TraceRouting,
@@ -36,7 +36,7 @@ from eplbd.refmodel import (
     reference_forward,
     router_weights,
 )
-from eplbd.trace import batch_schedule
+from eplbd.offline.trace import batch_schedule
 
 SHAPE = dict(num_layers=4, hidden=32, ffn=40, num_logical=32, top_k=4, num_redundant=8, seed=3)
 

@@ -7,9 +7,9 @@ import pytest
 
 from eplbd.config import EplbConfig
 from eplbd.policy import initial_placement
-from eplbd.replay import replay, step_balancedness
-from eplbd.scheduler import Topology
-from eplbd.trace import Trace, save_trace
+from eplbd.offline.replay import replay, step_balancedness
+from eplbd.daemon.scheduler import Topology
+from eplbd.offline.trace import Trace, save_trace
 
 
 def test_step_balancedness_by_hand():
@@ -124,7 +124,7 @@ def test_cli_compares_policies_with_bytes_and_plot(tmp_path):
 def test_plot_has_one_line_per_policy(tmp_path):
     from PIL import Image
 
-    from eplbd.replay import plot_balancedness
+    from eplbd.offline.replay import plot_balancedness
 
     trace = synthetic()
     topo = Topology(num_layers=2, num_logical=8, num_physical=12, num_gpus=4)

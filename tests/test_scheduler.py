@@ -5,7 +5,7 @@ import torch
 from eplbd.config import EplbConfig
 from eplbd.errors import InvalidArgumentError
 from eplbd.policy import initial_placement, predicted_balancedness
-from eplbd.scheduler import SchedulerState, Topology, decide, propose
+from eplbd.daemon.scheduler import SchedulerState, Topology, decide, propose
 
 CFG = EplbConfig(step_interval=100, plan_timeout_s=30.0, min_gain=0.01)
 

@@ -15,9 +15,9 @@ from eplbd import cli
 from eplbd.client.rpc import EplbClient
 from eplbd.errors import PlacementError, TraceError
 from eplbd.integrations.sglang import write_load, write_placement
-from eplbd.plans import read_placement_file, write_placement_file
+from eplbd.daemon.plans import read_placement_file, write_placement_file
 from eplbd.policy import initial_placement
-from eplbd.trace import load_trace, save_trace
+from eplbd.offline.trace import load_trace, save_trace
 
 
 def _placement() -> torch.Tensor:

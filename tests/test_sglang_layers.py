@@ -16,9 +16,9 @@ from eplbd import cli
 from eplbd.client import ctl
 from eplbd.errors import InvalidArgumentError, PlacementError, TraceError
 from eplbd.integrations.sglang import LayerAxis, write_load, write_placement
-from eplbd.plans import read_placement_file, write_placement_file
+from eplbd.daemon.plans import read_placement_file, write_placement_file
 from eplbd.policy import initial_placement
-from eplbd.trace import load_trace, save_trace
+from eplbd.offline.trace import load_trace, save_trace
 
 DSV3 = {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], "num_hidden_layers": 61,
         "first_k_dense_replace": 3, "moe_layer_freq": 1, "n_routed_experts": 256, "n_group": 8}

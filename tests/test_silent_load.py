@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from daemon_helpers import G, DaemonThread, make_ranks, skewed_step_load, wait_for
-from eplbd.client.ctl import render_status
+from eplbd.client.render import render_status
 from eplbd.client.rpc import EplbClient
 from test_daemon_lifecycle import http
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from eplbd.errors import TraceError
-from eplbd.trace import (batch_schedule, convert_routing_file, load_trace, routing_to_load,
+from eplbd.offline.trace import (batch_schedule, convert_routing_file, load_trace, routing_to_load,
                          save_trace)
 
 

@@ -7,7 +7,7 @@ vLLM's ``WorkerWrapperBase.init_worker`` does it, a model runner whose ``execute
 ``eplb_step(is_dummy=True)``, an ``EplbState`` with ``model_states[...].physical_to_logical_map``
 and the shared ``should_record_tensor`` gate, and a ``MixtureOfExperts`` model over the project's
 reference model whose layers, like vLLM's ``FusedMoE``, *add* each forward's token counts to the
-load view. Everything else is real: ``eplbd.server.Daemon`` on loopback, gloo worker processes,
+load view. Everything else is real: ``eplbd.daemon.server.Daemon`` on loopback, gloo worker processes,
 the ``PlacementAgent`` moving expert weights between them.
 """
 
@@ -27,13 +27,13 @@ import torch
 
 from daemon_helpers import DaemonThread, wait_for
 from eplbd.client.rpc import EplbClient
-from eplbd.demo import DEFAULT_TRACE
+from eplbd.refengine.demo import DEFAULT_TRACE
 from eplbd.errors import InvalidArgumentError
 from eplbd.integrations.vllm import (ZERO_LOAD_WARN_STEPS, Binding, EplbdWorkerExtension, agent_options,
                                      check_vllm_version, logical_digests, slot_digests)
 from eplbd.policy import derive_log2phy, initial_placement
-from eplbd.refmodel import RefMoEConfig, RefMoEModel
-from eplbd.trace import load_trace
+from eplbd.refengine.model import RefMoEConfig, RefMoEModel
+from eplbd.offline.trace import load_trace
 
 RANKS, STEPS_BEFORE = 2, 6
 SHAPE = dict(num_layers=3, hidden=16, ffn=32, num_logical=32, top_k=4, num_redundant=8, seed=0)
@@ -170,7 +170,7 @@ class Engine:
         self.cfg = self.runner.model.inner.config
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from eplbd.refmodel import make_inputs
+        from eplbd.refengine.model import make_inputs
 
         ids = self.routing.rank_batch(step, self.worker.rank)
         return make_inputs(self.cfg, step, self.worker.rank, int(ids.shape[0])), ids
@@ -193,7 +193,7 @@ class Engine:
 
     def check(self) -> dict:
         from eplbd.client.agent import placement_check
-        from eplbd.refmodel import logical_expert_weights
+        from eplbd.refengine.model import logical_expert_weights
 
         agent = self.worker._eplbd_binding.agent
         vllm = next(iter(self.runner.eplb_state.model_states.values()))
@@ -208,7 +208,7 @@ class Engine:
 def _worker_main(rank: int, port: int, commands, replies) -> None:
     import torch.distributed as dist
 
-    from eplbd.refmodel import TraceRouting
+    from eplbd.refengine.model import TraceRouting
 
     torch.set_num_threads(1)
     try:
@@ -279,7 +279,6 @@ class Workers:
 
 # --- end to end -----------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.skipif(not DEFAULT_TRACE.is_file(), reason=f"routing trace {DEFAULT_TRACE} not present")
 def test_extension_streams_load_commits_plans_and_keeps_outputs(tmp_path):
     with DaemonThread(window_size=40, step_interval=40, commit_interval_steps=4, metrics_port=-1) as d, \
             Workers() as w, EplbClient(d.rpc, timeout=5) as client:

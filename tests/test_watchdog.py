@@ -7,7 +7,7 @@ from daemon_helpers import DaemonThread, make_ranks, skewed_step_load, wait_for
 from eplbd.client.rpc import EplbClient
 from eplbd.config import EplbConfig
 from eplbd.proto import Abort, Plan
-from eplbd.scheduler import SchedulerState, decide
+from eplbd.daemon.scheduler import SchedulerState, decide
 from test_daemon_lifecycle import http
 from test_faults_state import NOW, ack, make_state, ready, start_plan
 
@@ -92,7 +92,7 @@ def test_daemon_healthz_fails_after_repeated_stalls_and_metrics_say_why():
 
 
 def test_eplbctl_status_shows_the_watchdog():
-    from eplbd.client.ctl import render_status
+    from eplbd.client.render import render_status
 
     st, phy2log = make_state(stuck_abort_streak=1)
     lines = "\n".join(render_status(st.status(NOW), None))

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from eplbd.window import LoadWindow, ReportRejected, physical_to_logical
+from eplbd.daemon.window import LoadWindow, ReportRejected, physical_to_logical
 
 L, E, P = 2, 4, 6
 PHY_A = np.array([[0, 1, 2, 3, 0, 1], [3, 2, 1, 0, 3, 3]], np.int64)

@@ -12,8 +12,8 @@ SGLang's ``--init-expert-location PATH`` (``srt/eplb/expert_location.py``,
   ``expert_distribution_recorder_<time>.pt``: ``{"rank": 0, "logical_count": [steps, layers,
   num_logical], ...}``, counts summed over the ranks.
 
-Here a ``physical_to_logical_map`` file is a placement (``eplbd.plans.read_placement_file``, so
-``eplbctl load-placement``) and a ``logical_count`` file is a load trace (``eplbd.trace.load_trace``,
+Here a ``physical_to_logical_map`` file is a placement (``eplbd.daemon.plans.read_placement_file``, so
+``eplbctl load-placement``) and a ``logical_count`` file is a load trace (``eplbd.offline.trace.load_trace``,
 so ``eplbd replay``). ``write_placement`` / ``write_load`` (``eplbd convert-placement`` /
 ``convert-load``) write ours in these formats, with the one key SGLang expects, so a placement
 eplbd computed can start an SGLang server and a window eplbd recorded can seed one.
@@ -123,7 +123,7 @@ def load_array(value: Any, where: str) -> np.ndarray:
     Raises:
         TraceError: not rectangular, not integer counts, negative, or not 2-/3-D.
     """
-    from eplbd.trace import validate_load
+    from eplbd.files import validate_load
 
     arr = _integer_array(value, TraceError, where, LOAD_KEY)
     if arr.ndim == 2:
@@ -153,7 +153,7 @@ def read_load(path: str | os.PathLike) -> np.ndarray:
 
 
 def _save(path: str | os.PathLike, key: str, value: torch.Tensor, error: type[EplbdError]) -> None:
-    from eplbd.plans import write_atomic
+    from eplbd.files import write_atomic
 
     p = pathlib.Path(path)
     if p.suffix not in SUFFIXES:

@@ -166,8 +166,8 @@ def _engine(cfg: VllmDemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
 
     import vllm
     from eplbd.client.rpc import EplbClient
-    from eplbd.launch import _Daemon, _serve_argv, LaunchConfig
-    from eplbd.demo import DemoConfig
+    from eplbd.refengine.launch import _Daemon, _serve_argv, LaunchConfig
+    from eplbd.refengine.demo import DemoConfig
 
     work = pathlib.Path(cfg.model_dir or tempfile.mkdtemp(prefix="eplbd-vllm-"))
     model_dir = work / "model"

@@ -29,11 +29,11 @@ import zmq
 import zmq.asyncio
 
 from eplbd.chaos import MessageChaos
-from eplbd.auth import (INGEST_DOMAIN, OPERATOR, RPC_DOMAIN, WORKER, CurveSetup, ZapAuthenticator, authorize,
+from eplbd.daemon.auth import (INGEST_DOMAIN, OPERATOR, RPC_DOMAIN, WORKER, CurveSetup, ZapAuthenticator, authorize,
                         load_curve, warn_if_exposed)
 from eplbd.errors import ConfigError, EplbdError, PermissionDeniedError, ProtocolError, UnavailableError
-from eplbd.metrics import MetricsServer
-from eplbd.observe import DaemonMetrics
+from eplbd.daemon.metrics import MetricsServer
+from eplbd.daemon.observe import DaemonMetrics
 from eplbd.proto import (PROTOCOL_VERSION, REQUEST_TYPES, Abort, Ack, BalancednessRequest, ConfigReply, Decoder,
                          DumpWindowReply, DumpWindowRequest, Encoder, ErrorReply, GetConfigRequest,
                          GetPlacementRequest, GetPlanRequest, Heartbeat, Hello, LayerReady, LoadPlacementRequest,
@@ -42,10 +42,10 @@ from eplbd.proto import (PROTOCOL_VERSION, REQUEST_TYPES, Abort, Ack, Balancedne
                          check_version, expect, make_socket)
 from eplbd.proto import GetResizeRequest, ResizeRequest
 from eplbd.settings import DaemonSettings, apply_update
-from eplbd.resize import ResizeJob
-from eplbd.state import DaemonState, Outgoing, Sender
+from eplbd.daemon.resize import ResizeJob
+from eplbd.daemon.state import DaemonState, Outgoing, Sender
 
-log = logging.getLogger("eplbd.server")
+log = logging.getLogger("eplbd.daemon.server")
 
 TICK_S = 0.05
 METRICS_REFRESH_S = 1.0
@@ -461,7 +461,7 @@ class Daemon:
 
     def _route(self, out: list[Outgoing]) -> None:
         for item in out:
-            if item.identity is not None:  # a connection that is no rank any more (eplbd.resize)
+            if item.identity is not None:  # a connection that is no rank any more (eplbd.daemon.resize)
                 self._send(item.identity, item.msg)
                 continue
             ranks = list(self.state.workers) if item.rank is None else [item.rank]

@@ -4,7 +4,7 @@
 
 Each process is one EP rank: it joins the gloo group torchrun describes (``RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR``, ``MASTER_PORT``; ``init_process_group("gloo")`` reads them), builds the reference
-MoE model with a ``LoadReporter`` and ``PlacementAgent`` (``eplbd.demo.run_rank``, the demo's own
+MoE model with a ``LoadReporter`` and ``PlacementAgent`` (``eplbd.refengine.demo.run_rank``, the demo's own
 rank loop), and serves ``--steps`` steps routed by the GPT-OSS trace.
 
 The daemon is found the way the daemon itself is configured: ``EPLBD_RPC`` and ``EPLBD_INGEST``
@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from eplbd.demo import DemoConfig
+from eplbd.refengine.demo import DemoConfig
 from eplbd.errors import EplbdError, InvalidArgumentError
 
 # DemoConfig fields a rank takes as flags: (field, type, help). Everything else in DemoConfig is
@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     """Run one rank; returns the exit code (1 when this rank's probe outputs changed)."""
     import torch.distributed as dist
 
-    from eplbd.demo import run_rank
-    from eplbd.launch import die_with_parent
+    from eplbd.refengine.demo import run_rank
+    from eplbd.refengine.procs import die_with_parent
 
     env = os.environ if env is None else env
     args = build_parser().parse_args(argv)

@@ -82,7 +82,7 @@ import torch.nn.functional as F
 
 from eplbd.errors import InvalidArgumentError, PlacementError, TraceError
 from eplbd.policy.placement import derive_log2phy, validate_placement
-from eplbd.trace import read_routing_file
+from eplbd.offline.trace import read_routing_file
 
 __all__ = [
     "RefMoEConfig",
@@ -697,7 +697,7 @@ class RefMoEModel:
 
 # --------------------------------------------------------------------------- trace routing
 def _schedule(lengths: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Continuous batching like ``eplbd.trace.batch_schedule``, also returning each request's slot."""
+    """Continuous batching like ``eplbd.offline.trace.batch_schedule``, also returning each request's slot."""
     import heapq
 
     free = [(0, slot) for slot in range(batch)]
@@ -714,7 +714,7 @@ class TraceRouting:
     """Per-step, per-rank expert ids replayed from token-level routing (the GPT-OSS file format).
 
     ``ep_size * tokens_per_rank`` requests decode concurrently, one token each per step; a finished
-    request's slot takes the next request (continuous batching, as ``eplbd.trace`` simulates), and
+    request's slot takes the next request (continuous batching, as ``eplbd.offline.trace`` simulates), and
     slot ``s`` belongs to rank ``s // tokens_per_rank``. Near the end of the trace slots fall idle, so
     ranks get fewer (possibly 0) tokens. Steps past the end wrap around.
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from eplbd.metrics import Registry
+from eplbd.daemon.metrics import Registry
 
 _STATS = ("min", "p50", "p90", "mean", "aggregate")
 _PHASES = ("first_ready", "staged", "committed", "aborted")

@@ -20,9 +20,9 @@ import torch
 from eplbd.config import EplbConfig
 from eplbd.errors import InvalidArgumentError
 from eplbd.policy import derive_log2phy, initial_placement
-from eplbd.scheduler import SchedulerState, Topology, decide, propose
-from eplbd.trace import Trace
-from eplbd.window import LoadWindow
+from eplbd.daemon.scheduler import SchedulerState, Topology, decide, propose
+from eplbd.offline.trace import Trace
+from eplbd.daemon.window import LoadWindow
 
 
 def step_balancedness(load: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import os
 import pathlib
@@ -33,8 +32,9 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Mapping
 
-from eplbd.demo import DemoConfig, progress_line, summarize_ranks
+from eplbd.refengine.demo import DemoConfig, progress_line, summarize_ranks
 from eplbd.errors import EplbdError, TraceError, UnavailableError
+from eplbd.refengine.procs import tied
 
 # Daemon settings the launcher uses when no --config is given: any free ports on loopback, and a
 # window and interval short enough that a run of a few hundred steps sees plans commit.
@@ -65,30 +65,6 @@ class LaunchConfig:
     ready_timeout_s: float = 90.0
     timeout_s: float = 3600.0
     grace_s: float = 20.0
-
-
-# -- children --------------------------------------------------------------------------------------
-def die_with_parent() -> None:
-    """Ask the kernel to send this process SIGTERM when its parent exits, even by SIGKILL (Linux's
-    PR_SET_PDEATHSIG; elsewhere a no-op). SIGTERM is the normal stop path of the daemon, torchrun and
-    the ranks, so a killed launcher still leaves no orphans."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-
-
-def exec_tied(argv: list[str]) -> None:
-    """``python -c ... PARENT_PID CMD...``: ``die_with_parent``, then exec CMD (the setting survives exec)."""
-    die_with_parent()
-    if os.getppid() != int(argv[0]):  # the launcher died before the setting took
-        sys.exit(1)
-    os.execv(argv[1], argv[1:])
-
-
-def tied(argv: list[str]) -> list[str]:
-    """Returns: ``argv`` wrapped to run with ``die_with_parent`` set for this (the launcher's) process."""
-    return [sys.executable, "-c", "import sys; from eplbd.launch import exec_tied; exec_tied(sys.argv[1:])",
-            str(os.getpid()), *argv]
 
 
 def daemon_settings(cfg: LaunchConfig, env: Mapping[str, str]) -> dict[str, Any]:
@@ -197,7 +173,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 # -- the launch ------------------------------------------------------------------------------------
 def engine_argv(cfg: LaunchConfig, result_dir: pathlib.Path) -> list[str]:
     """Returns: the torchrun command line (the reference engine unless ``cfg.engine`` names another)."""
-    from eplbd.refengine import rank_argv
+    from eplbd.refengine.rank import rank_argv
 
     script = cfg.engine or ["-m", "eplbd.refengine", *rank_argv(cfg.rank), "--result-dir", str(result_dir)]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.rank.ranks}",
@@ -263,7 +239,7 @@ def launch(cfg: LaunchConfig, say: Callable[[str], None] = lambda line: None) ->
     say(f"ranks exited with {engine_rc}; eplbd stopped with {daemon_rc} after {time.monotonic() - t0:.1f}s")
     summary = None
     if cfg.engine is None and engine_rc == 0:
-        from eplbd.refengine import load_results
+        from eplbd.refengine.rank import load_results
         summary = summarize_ranks(rank_cfg, load_results(result_dir, rank_cfg.ranks), status,
                                   time.monotonic() - t0)
     ok = engine_rc == 0 and daemon_rc == 0 and (summary is None or summary["outputs_identical"])
@@ -308,7 +284,7 @@ LAUNCH_SETTINGS = ("rpc", "ingest", "metrics_port", "window_size", "step_interva
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``eplbd launch``'s flags: ranks, the reference rank's options, a few daemon settings, the engine."""
-    from eplbd.refengine import add_rank_arguments
+    from eplbd.refengine.rank import add_rank_arguments
     from eplbd.settings import CONFIG_ENV, DaemonSettings, env_name, flag_name
 
     p.add_argument("--ranks", type=int, default=4, help="engine ranks (torchrun --nproc-per-node) [default 4]")
@@ -331,7 +307,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> LaunchConfig:
     """Returns: the LaunchConfig of ``add_arguments``' flags."""
-    from eplbd.refengine import rank_config
+    from eplbd.refengine.rank import rank_config
     from eplbd.settings import CONFIG_ENV
 
     engine = args.engine[1:] if args.engine[:1] == ["--"] else args.engine
@@ -345,7 +321,7 @@ def main_from_args(args: argparse.Namespace) -> int:
     """``eplbd launch``: exit 0 when the ranks and the daemon exited cleanly and outputs never changed."""
     import json
 
-    from eplbd.demo import print_summary
+    from eplbd.refengine.demo import print_summary
 
     cfg = config_from_args(args)
     out = launch(cfg, say=(lambda line: None) if args.json else (lambda line: print(line, flush=True)))

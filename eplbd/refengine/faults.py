@@ -19,11 +19,11 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import shutil
-import socket
 import time
 from typing import Any, Callable
 
 from eplbd.errors import EplbdError, UnavailableError
+from eplbd.refengine.embedded import daemon_cli, daemon_main, daemon_thread, free_port
 
 
 @dataclasses.dataclass
@@ -34,59 +34,6 @@ class DemoHooks:
 
     during: Callable[["DemoHarness"], Any] | None = None
     after: Callable[["DemoHarness", dict[int, dict]], Any] | None = None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def daemon_cli(cfg: Any, rpc: str, ingest: str, **overrides: Any) -> dict[str, Any]:
-    """The daemon's settings for a demo run (``cfg.daemon_settings`` and ``overrides`` on top)."""
-    cli = {"rpc": rpc, "ingest": ingest, "metrics_port": -1, "window_size": cfg.window_size,
-           "step_interval": cfg.step_interval, "policy": cfg.policy, "commit_interval_steps": cfg.commit_interval_steps,
-           "log_level": "warning", "state_dir": cfg.state_dir}
-    return {**cli, **cfg.daemon_settings, **overrides}
-
-
-def daemon_chaos(cfg: Any, cut: dict[str, int] | None):
-    """The daemon-side ``MessageChaos`` of a run (None when it injects nothing)."""
-    from eplbd.chaos import MessageChaos
-
-    chaos = MessageChaos(dup_p=cfg.chaos_dup_p, reorder_p=cfg.chaos_reorder_p, cut=dict(cut or {}),
-                         seed=cfg.seed + 1000)
-    return chaos if chaos.active else None
-
-
-def _daemon_main(conn: Any) -> None:
-    """Body of a daemon process: import everything, wait for ``(cli, cut, cfg)`` on ``conn``, then
-    serve until killed (or SIGTERM). Started ahead of need, so a restart costs no import time."""
-    import torch
-    import uvloop
-
-    from eplbd.server import Daemon
-    from eplbd.settings import load_settings
-
-    torch.set_num_threads(1)
-    try:
-        job = conn.recv()
-    except EOFError:
-        job = None
-    if job is None:  # the standby was not needed
-        return
-    cli, cut, cfg = job
-
-    async def main() -> None:
-        daemon = Daemon(load_settings(config_file=None, env={}, cli=cli), chaos=daemon_chaos(cfg, cut))
-        await daemon.start()
-        conn.send(("ready", daemon.state.daemon_id))
-        await daemon.run()
-
-    try:
-        uvloop.run(main())
-    except BaseException as exc:  # reported to the parent if it is still listening
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
 class DemoHarness:
@@ -111,8 +58,7 @@ class DemoHarness:
             self.rpc, self.ingest = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
             self.start_daemon(cut=cfg.daemon_cut)
         elif cfg.daemon:
-            from eplbd.demo import _daemon_thread
-            self.daemon, self._stop_thread = _daemon_thread(cfg)
+            self.daemon, self._stop_thread = daemon_thread(cfg)
             self.rpc, self.ingest = self.daemon.rpc_endpoint, self.daemon.ingest_endpoint
         else:
             self.rpc, self.ingest = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
@@ -147,7 +93,7 @@ class DemoHarness:
 
     def _spawn(self) -> tuple[mp.Process, Any]:
         here, there = self.ctx.Pipe()
-        proc = self.ctx.Process(target=_daemon_main, args=(there,), daemon=True)
+        proc = self.ctx.Process(target=daemon_main, args=(there,), daemon=True)
         proc.start()
         there.close()
         return proc, here
@@ -250,7 +196,7 @@ def survivor_report(agent: Any, model: Any, mcfg: Any, base_epoch: int, base_phy
     """
     import torch
 
-    from eplbd.refmodel import expert_stage, local_expert_weights
+    from eplbd.refengine.model import expert_stage, local_expert_weights
 
     end = time.monotonic() + wait_s
     while agent.plan_in_flight is not None and time.monotonic() < end:

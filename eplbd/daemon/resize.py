@@ -1,7 +1,7 @@
 """Elastic EP on the daemon: the ``resize`` operation and the registrations of a resized group.
 
 ``ElasticOps`` is mixed into ``DaemonState`` (it uses the state's workers, topology, placement,
-window, plan records and persistence); the placement itself is planned by ``eplbd.elastic``.
+window, plan records and persistence); the placement itself is planned by ``eplbd.policy.elastic``.
 
 1. ``resize(mapping, ep_size)`` (``ResizeRequest``, ``eplbctl resize``): validates the mapping,
    drains the plan in flight, plans the new group from the placement the surviving ranks run and
@@ -33,11 +33,11 @@ from typing import Callable
 
 import torch
 
-from eplbd.elastic import ElasticPlacement, RankMapping, elastic_placement, parse_mapping
+from eplbd.policy.elastic import ElasticPlacement, RankMapping, elastic_placement, parse_mapping
 from eplbd.errors import LimitExceededError, NotFoundError, PlanConflictError, RegistrationMismatchError
 from eplbd.proto import RegisterWorker, ResizeInfo, ResizeReply
 
-log = logging.getLogger("eplbd.resize")
+log = logging.getLogger("eplbd.daemon.resize")
 
 MAX_RECORDS = 16  # resizes kept for GetResizeRequest
 

@@ -17,11 +17,11 @@ import os
 import pathlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from eplbd.errors import PlacementError
+from eplbd.files import write_atomic
 from eplbd.proto import PlanInfo
 
 STATE_FILE = "state.json"
@@ -180,14 +180,6 @@ def read_placement_file(path: str | os.PathLike) -> torch.Tensor:
                                  f"(keys: {sorted(map(str, doc))})")
         doc = doc[key]
     return sglang.placement_tensor(doc, where, key)
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[pathlib.Path], None]) -> None:
-    """Write ``path`` by ``write(tmp)`` on a sibling temp file, then rename: no reader sees half a file."""
-    p = pathlib.Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, p)
 
 
 def write_placement_file(path: str | os.PathLike, phy2log: torch.Tensor) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from eplbd.errors import TraceError
+from eplbd.files import validate_load
 
 
 @dataclass
@@ -49,25 +50,6 @@ class Trace:
     @property
     def num_logical(self) -> int:
         return int(self.load.shape[2])
-
-
-def validate_load(load: np.ndarray, *, where: str = "trace") -> np.ndarray:
-    """Check a ``[steps, layers, experts]`` load array; return it as int64."""
-    if load.ndim != 3:
-        raise TraceError(f"{where}: 'load' must be [steps, layers, experts], got shape {load.shape}")
-    if load.dtype.kind not in "iuf":
-        raise TraceError(f"{where}: 'load' dtype {load.dtype} is not numeric")
-    if load.dtype.kind == "f":
-        if not np.isfinite(load).all():
-            raise TraceError(f"{where}: 'load' contains NaN or infinite values")
-        if (load != np.round(load)).any():
-            raise TraceError(f"{where}: 'load' holds fractional token counts")
-    if load.size and load.min() < 0:
-        idx = np.unravel_index(int(np.argmin(load)), load.shape)
-        raise TraceError(f"{where}: negative load {load[idx]} at [step, layer, expert]={tuple(int(i) for i in idx)}")
-    if 0 in load.shape[1:]:
-        raise TraceError(f"{where}: 'load' has no layers or no experts (shape {load.shape})")
-    return load.astype(np.int64, copy=False)
 
 
 def save_trace(path: str | pathlib.Path, load: np.ndarray, *, steps: np.ndarray | None = None,

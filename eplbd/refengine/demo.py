@@ -1,7 +1,7 @@
 """``eplbd demo``: the whole loop on one machine.
 
 An embedded daemon (a real ``Daemon`` on loopback, in a thread of this process) and N
-worker processes of the reference EP MoE model (``eplbd.refmodel``), one per rank, in a
+worker processes of the reference EP MoE model (``eplbd.refengine.model``), one per rank, in a
 real gloo group. Tokens are routed by the real GPT-OSS-20B routing trace, so the load
 is real. Each rank runs a ``PlacementAgent``: it streams load, receives the daemon's
 plans, stages experts on its background thread and commits in-band.
@@ -12,7 +12,7 @@ changes what the model computes). With ``check_weights`` they also compare every
 tensors with the original expert weights.
 
 ``run_demo`` is also what the integration tests drive (smaller shapes, fault injection: see
-``eplbd.demo_faults`` for the options that kill ranks or the daemon, cut, duplicate or reorder
+``eplbd.refengine.faults`` for the options that kill ranks or the daemon, cut, duplicate or reorder
 messages, and throttle a rank's load sender).
 """
 
@@ -24,7 +24,6 @@ import multiprocessing as mp
 import os
 import pathlib
 import queue
-import socket
 import sys
 import threading
 import time
@@ -33,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-DEFAULT_TRACE = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gpt_oss_20b" / \
+DEFAULT_TRACE = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gpt_oss_20b" / \
     "gptoss20b_decode_routing_tokens.npz"
 
 
@@ -63,7 +62,7 @@ class DemoConfig:
     seed: int = 0
     timeout_s: float = 300.0
     daemon: bool = True  # False: workers get endpoints nobody serves (the engine must not care)
-    # -- fault injection (tests; see eplbd.demo_faults) --
+    # -- fault injection (tests; see eplbd.refengine.faults) --
     chaos_rank: int = 1  # the rank chaos_fail_batch, chaos_kill_batch and chaos_report_delay_s apply to
     chaos_kill_batch: int = -1  # chaos_rank SIGKILLs itself as its n-th transfer batch starts
     chaos_dup_p: float = 0.0  # messages duplicated both ways (daemon pushes, rank replies)
@@ -79,12 +78,6 @@ class DemoConfig:
     daemon_cut: dict = dataclasses.field(default_factory=dict)  # the first daemon's MessageChaos.cut
     until_stopped: bool = False  # step until DemoHarness.stop_workers() (``steps`` is still the limit)
     step_sleep_s: float = 0.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- one rank --------------------------------------------------------------------------------
@@ -106,15 +99,15 @@ def run_rank(rank: int, cfg: DemoConfig, rpc: str, ingest: str, *, stop_event: A
         This rank's results: ``loads [steps, layers, num_physical] int32`` (load view per step),
         ``step_s [steps]``, ``phy2log [layers, num_physical]`` at the end, probe counts and
         mismatches, agent and reporter statistics; after losing a peer (``cfg.chaos_kill_batch``),
-        ``survivor`` (``eplbd.demo_faults.survivor_report``).
+        ``survivor`` (``eplbd.refengine.faults.survivor_report``).
     """
     import torch
     import torch.distributed as dist
 
     from eplbd.client.agent import Chaos, PlacementAgent, placement_check
-    from eplbd.demo_faults import agreed_stop, group_lost, survivor_report
+    from eplbd.refengine.faults import agreed_stop, group_lost, survivor_report
     from eplbd.policy import initial_placement
-    from eplbd.refmodel import RefMoEConfig, RefMoEModel, logical_expert_weights, make_inputs, TraceRouting
+    from eplbd.refengine.model import RefMoEConfig, RefMoEModel, logical_expert_weights, make_inputs, TraceRouting
 
     torch.set_num_threads(1)
     agent = None
@@ -215,7 +208,7 @@ def run_rank(rank: int, cfg: DemoConfig, rpc: str, ingest: str, *, stop_event: A
 def tie_to_parent() -> None:
     """In a process ``eplbd demo`` spawned: get SIGTERM when the demo exits, even by SIGKILL (as
     ``eplbd launch``'s children do), and leave at once if it is gone already."""
-    from eplbd.launch import die_with_parent
+    from eplbd.refengine.procs import die_with_parent
 
     die_with_parent()
     parent = mp.parent_process()
@@ -247,45 +240,6 @@ def _worker(rank: int, cfg: DemoConfig, port: int, rpc: str, ingest: str, out_q:
 
 
 # -- parent ------------------------------------------------------------------------------------
-def _daemon_thread(cfg: DemoConfig):
-    import asyncio
-
-    import uvloop
-
-    from eplbd.demo_faults import daemon_chaos, daemon_cli
-    from eplbd.server import Daemon
-    from eplbd.settings import load_settings
-
-    settings = load_settings(config_file=None, env={},
-                             cli=daemon_cli(cfg, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0"))
-    box: dict[str, Any] = {}
-    ready = threading.Event()
-
-    def run() -> None:
-        async def main() -> None:
-            box["daemon"] = Daemon(settings, chaos=daemon_chaos(cfg, cfg.daemon_cut))
-            box["loop"] = asyncio.get_running_loop()
-            await box["daemon"].start()
-            ready.set()
-            await box["daemon"].run()
-        try:
-            uvloop.run(main())
-        except BaseException as exc:
-            box["error"] = exc
-            ready.set()
-
-    t = threading.Thread(target=run, name="eplbd-daemon", daemon=True)
-    t.start()
-    if not ready.wait(15) or "error" in box:
-        raise RuntimeError(f"embedded daemon did not start: {box.get('error')}")
-
-    def stop() -> None:
-        box["loop"].call_soon_threadsafe(box["daemon"].request_stop)
-        t.join(10)
-
-    return box["daemon"], stop
-
-
 def aggregate_balancedness(loads: np.ndarray, num_ranks: int) -> float:
     """vLLM-style balancedness of summed per-rank loads: sum_l mean_r / sum_l max_r.
 
@@ -303,12 +257,12 @@ def aggregate_balancedness(loads: np.ndarray, num_ranks: int) -> float:
 def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None, hooks: Any = None) -> dict:
     """Run the demo; returns the summary (see ``eplbd demo --json``).
 
-    ``hooks`` (an ``eplbd.demo_faults.DemoHooks``) run fault scenarios against the run: their
+    ``hooks`` (an ``eplbd.refengine.faults.DemoHooks``) run fault scenarios against the run: their
     results are in the summary under ``"during"`` and ``"after"``. A rank told to kill itself
     (``cfg.chaos_kill_batch``) is expected to die; the summary covers the others.
     """
     from eplbd.client.rpc import EplbClient
-    from eplbd.demo_faults import DemoHarness
+    from eplbd.refengine.faults import DemoHarness
     from eplbd.errors import EplbdError
 
     if cfg.routing == "trace" and not pathlib.Path(cfg.trace).is_file():
@@ -317,7 +271,9 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None, hoo
     ctx = mp.get_context("spawn")
     h = DemoHarness(cfg, ctx)
     out_q = ctx.Queue()
-    port = _free_port()
+    from eplbd.refengine.embedded import free_port
+
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, cfg, port, h.rpc, h.ingest, out_q, h.stop_event, h.step_value),
                          daemon=True) for r in range(cfg.ranks)]
     may_die = {cfg.chaos_rank} if cfg.chaos_kill_batch >= 0 else set()

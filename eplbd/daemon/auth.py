@@ -17,7 +17,7 @@ no report counted. Keys are read once, at start; restart to change them.
 
 Which rank a worker key speaks for: a registration binds rank r to the connection
 and the key (``User-Id``) that registered it, and every later message naming r,
-load reports included, must come from that key (``eplbd.state``). With
+load reports included, must come from that key (``eplbd.daemon.state``). With
 ``curve_worker_ranks`` (key name -> ranks), a key may register only its own
 ranks, so a stolen node key cannot speak for another node's ranks.
 """
@@ -43,7 +43,7 @@ from eplbd.errors import ConfigError, InvalidArgumentError, PermissionDeniedErro
 from eplbd.proto import OPERATOR_REQUEST_TYPES, WORKER_REQUEST_TYPES
 from eplbd.proto.sockets import CurveServerKeys, load_key_file
 
-log = logging.getLogger("eplbd.auth")
+log = logging.getLogger("eplbd.daemon.auth")
 
 WORKER, OPERATOR = "worker", "operator"
 RPC_DOMAIN, INGEST_DOMAIN = "eplbd.rpc", "eplbd.ingest"
@@ -188,7 +188,7 @@ class ZapAuthenticator(AsyncioAuthenticator):
     """
 
     def __init__(self, ctx: zmq.Context, setup: CurveSetup) -> None:
-        super().__init__(ctx, log=logging.getLogger("eplbd.auth.zap"))
+        super().__init__(ctx, log=logging.getLogger("eplbd.daemon.auth.zap"))
         self.peers = setup.peers
         self.refusals = 0
         self._last_logged: dict[bytes, float] = {}

@@ -1,7 +1,7 @@
 """The daemon's state and every operation on it, without sockets.
 
 ``DaemonState`` takes decoded messages and returns what to send: the I/O shell
-(``eplbd.server``) routes ``Outgoing`` items to ranks by their registered
+(``eplbd.daemon.server``) routes ``Outgoing`` items to ranks by their registered
 identity. Tests drive it directly with made-up times.
 """
 
@@ -22,18 +22,18 @@ import torch
 from eplbd.errors import (ConfigError, InvalidArgumentError, LimitExceededError, NotFoundError, NotReadyError,
                           NotRegisteredError, PermissionDeniedError, PlacementError, PlanConflictError,
                           RegistrationMismatchError)
-from eplbd.plans import PersistedState, PlanRecord, load_state, read_placement_file, save_state
+from eplbd.daemon.plans import PersistedState, PlanRecord, load_state, read_placement_file, save_state
 from eplbd.policy import (get_policy, moved_slots, observed_balancedness, predicted_balancedness, rank_loads,
                           spread_logical_load, summarize, validate_placement)
 from eplbd.proto import (Abort, AbortInfo, Ack, BalancednessReply, BalanceStats, Commit, Heartbeat, LayerReady,
                          LoadReport, Plan, RebalanceReply, RegisterWorker, Registered, Release, StatusReply,
                          WorkerInfo)
-from eplbd.resize import ElasticOps
-from eplbd.scheduler import Proposal, SchedulerState, Topology, check_layers, decide, propose
-from eplbd.trace import save_trace
-from eplbd.window import LoadWindow, ReportRejected, window_bytes
+from eplbd.daemon.resize import ElasticOps
+from eplbd.daemon.scheduler import Proposal, SchedulerState, Topology, check_layers, decide, propose
+from eplbd.offline.trace import save_trace
+from eplbd.daemon.window import LoadWindow, ReportRejected, window_bytes
 
-log = logging.getLogger("eplbd.state")
+log = logging.getLogger("eplbd.daemon.state")
 
 # Fields every rank of one EP group must agree on at registration.
 _GROUP_FIELDS = ("ep_size", "num_layers", "num_logical_experts", "num_physical_experts",

@@ -292,7 +292,7 @@ class LoadWindow:
         self._cur_map = self._maps.get(epoch)
 
     def reshape_physical(self, num_physical: int, epoch: int) -> None:
-        """The EP group was resized (``eplbd.elastic``): switch to ``epoch``, whose placement has
+        """The EP group was resized (``eplbd.policy.elastic``): switch to ``epoch``, whose placement has
         ``num_physical`` slots per layer. The rows held so far are folded into logical space first,
         so the logical view (what the policies read) is unchanged; the physical view restarts empty,
         and reports of the old shape are refused as ``bad_shape``."""
