@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from eplbd.errors import PolicyError
 from eplbd.policy import (get_policy, initial_placement, moved_slots, plan_incremental, predicted_balancedness,
                           preserve_local_slots, rebalance_experts)
-from eplbd.policy.incremental import KEEP, _relabel_cost
+from eplbd.policy.incremental import KEEP
+from eplbd.policy.incremental_budget import _relabel_cost
 from eplbd.policy.matching import (apply_rank_order, assignment, assignment_batch, rank_overlap,
                                    stable_rank_order_from)
 from test_policy import check_placement, make_weight, topologies
