@@ -208,7 +208,7 @@ class _Layout:
         return heavy, light
 
     def swap_round(self, target: np.ndarray, active: np.ndarray, opts: _Options) -> np.ndarray:
-        """One swap in every pair whose heavy rank is above ``target`` (see the module docstring).
+        """One swap in every pair whose heavy rank is above ``target`` (see :mod:`eplbd.policy.incremental`).
 
         Appends one option per pair (pairs by heavy load, descending) to ``opts``; only the rows
         ``active`` are searched (the others keep their last option).
