@@ -103,7 +103,7 @@ def test_a_truncated_plan_whose_acks_time_out_is_committed_never_taken_back():
 
 
 def test_plan_history_is_bounded():
-    from eplbd.daemon import state as state_mod
+    from eplbd.daemon import lifecycle as state_mod
 
     with DaemonThread(step_interval=1, window_size=100, min_gain=0.0) as d:
         links, phy2log = make_ranks(d)
