@@ -136,3 +136,52 @@ def test_window_equals_brute_force(window_size, ops):
     steps, rows = w.steps_logical()
     assert steps.tolist() == sorted(logical)
     np.testing.assert_array_equal(rows.reshape(-1, L, E), np.array([logical[s] for s in sorted(logical)]).reshape(-1, L, E))
+
+
+PLACEMENTS = [PHY_A, PHY_B, np.array([[1, 1, 2, 3, 0, 0], [2, 2, 1, 0, 3, 1]], np.int64)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_epoch_switches_keep_every_view_equal_to_a_brute_force_window(data):
+    """Random reports of the current and of other epochs, epoch switches (the commit path, where rows of the
+    old placement stay physical until they leave the window or are reported into again), step jumps and
+    resizes' placement changes: logical sum, physical sum, fill and the per-step export always equal
+    a window kept by brute force."""
+    size = data.draw(st.integers(1, 6))
+    w = LoadWindow(size, L, E, P)
+    logical: dict[int, np.ndarray] = {}  # step -> logical load of every report
+    physical: dict[int, np.ndarray] = {}  # step -> physical load of the current epoch's reports
+    placement = {0: PHY_A}
+    epoch, newest = 0, -1
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    for _ in range(data.draw(st.integers(1, 25))):
+        op = data.draw(st.sampled_from(["report", "report", "report", "old", "switch"]))
+        if op == "switch":
+            epoch += 1
+            placement[epoch] = PLACEMENTS[data.draw(st.integers(0, 2))]
+            w.set_epoch(epoch)
+            physical.clear()
+            continue
+        ep = epoch if op == "report" or epoch == 0 else data.draw(st.integers(0, epoch - 1))
+        first = data.draw(st.integers(max(0, newest - size - 1), newest + 3))
+        load = rng.integers(0, 20, (data.draw(st.integers(1, 3)), L, P))
+        w.add(first, load, placement[ep], epoch=ep)
+        newest = max(newest, first + len(load) - 1)
+        for i, row in enumerate(load):
+            step = first + i
+            if step <= newest - size:
+                continue
+            logical[step] = logical.get(step, 0) + brute_logical(row, placement[ep])
+            if ep == epoch:
+                physical[step] = physical.get(step, 0) + row
+        for book in (logical, physical):
+            for step in [s for s in book if s <= newest - size]:
+                del book[step]
+        kept = sorted(logical)
+        assert w.fill == len(kept)
+        np.testing.assert_array_equal(w.logical_load(), sum(logical.values(), np.zeros((L, E), np.int64)))
+        np.testing.assert_array_equal(w.snapshot().physical, sum(physical.values(), np.zeros((L, P), np.int64)))
+        steps, rows = w.steps_logical()
+        assert steps.tolist() == kept
+        np.testing.assert_array_equal(rows, np.array([logical[s] for s in kept]).reshape(len(kept), L, E))

@@ -114,9 +114,9 @@ class LoadWindow:
     """Ring-buffered window of global load; see the module docstring.
 
     Storage: ``_phy`` holds the physical rows of steps recorded under the
-    current epoch and ``_extra`` the logical rows of everything else (reports
-    of other epochs, ``add_logical``, and the current epoch's rows folded in
-    when the epoch changes). The logical view is ``_extra`` plus ``_phy``
+    current epoch (and, until they leave the window, those of the previous
+    placements: ``_stale``) and ``_extra`` the logical rows of everything else
+    (reports of other epochs, ``add_logical``, stale rows folded in). The logical view is ``_extra`` plus ``_phy``
     mapped through the current placement, computed when asked for. So the
     common report, one of the current epoch, costs one in-place add into the
     ring and one sum: the per-report work of a daemon with 64 ranks streaming
@@ -156,6 +156,9 @@ class LoadWindow:
         # mixed placements ranks run while a plan is applied layer by layer.
         self._maps: dict[int | tuple[int, int], _LogicalMap] = {}
         self._cur_map: _LogicalMap | None = None  # placement of the rows in _phy
+        # Rows of _phy recorded under a placement no longer current, not yet folded into _extra (their
+        # logical sum is in _extra_sum already): row -> that placement's mapper (``_retire_current``).
+        self._stale: dict[int, _LogicalMap] = {}
 
     # -- ingest ---------------------------------------------------------------
     def add(self, first_step: int, load: np.ndarray | torch.Tensor, phy2log: np.ndarray | torch.Tensor,
@@ -205,6 +208,8 @@ class LoadWindow:
         self._claim(start, arr.shape[0])
         if epoch == self.epoch and mapper is self._cur_map:
             for ring, part in _ring_parts(start, arr.shape[0], self.window_size):
+                if self._stale:  # a step some rank reported under the previous placement
+                    self._materialize([r for r in range(ring.start, ring.stop) if r in self._stale])
                 np.add(self._phy[ring], arr[part], out=self._phy[ring], casting="unsafe")
                 fresh = self._phy_epoch[ring] != epoch
                 self._phy_steps += int(fresh.sum())
@@ -221,8 +226,8 @@ class LoadWindow:
             return mapper
         if epoch == self.epoch and self._cur_map is not None:
             # The placement of the current epoch changed under the rows in _phy
-            # (a restart reconciled by a rank): fold them with the old one first.
-            self._fold_physical()
+            # (a restart reconciled by a rank): they keep the old one.
+            self._retire_current()
         mapper = self._maps[epoch] = _LogicalMap(phy2log, self.num_logical)
         if len(self._maps) > 8:  # only the last few placements still get reports
             self._maps.pop(next(k for k in self._maps if k != self.epoch))  # the oldest inserted
@@ -257,6 +262,10 @@ class LoadWindow:
     def _evict(self, slot: int) -> None:
         if self._step[slot] < 0:
             return
+        stale = self._stale.pop(slot, None)
+        if stale is not None:
+            self._extra_sum -= stale(self._phy[slot][None])[0]
+            self._phy[slot] = 0
         if self._extra_used[slot]:
             self._extra_sum -= self._extra[slot]
             self._extra[slot] = 0
@@ -287,7 +296,7 @@ class LoadWindow:
         """
         if epoch == self.epoch:
             return
-        self._fold_physical()
+        self._retire_current()
         self.epoch = epoch
         self._cur_map = self._maps.get(epoch)
 
@@ -296,28 +305,45 @@ class LoadWindow:
         ``num_physical`` slots per layer. The rows held so far are folded into logical space first,
         so the logical view (what the policies read) is unchanged; the physical view restarts empty,
         and reports of the old shape are refused as ``bad_shape``."""
-        self._fold_physical()
+        self._retire_current()
+        self._materialize(list(self._stale))
         self.epoch, self.num_physical = epoch, num_physical
         self._phy = np.zeros((self.window_size, self.num_layers, num_physical), np.int32)
         self._phy_sum = np.zeros((self.num_layers, num_physical), np.int64)
         self._maps = {}
 
-    def _fold_physical(self) -> None:
+    def _retire_current(self) -> None:
+        """The rows in ``_phy`` stop being the current placement's (an epoch change, or that placement
+        changed): their logical sum joins ``_extra_sum`` at once, one row mapped, and the rows stay
+        physical, each mapped on its own when it is evicted, reported into again or exported
+        (``_stale``). A commit so costs O(layers x experts) on the daemon's event loop, not O(window):
+        folding a whole DeepSeek-sized window took ~45 ms there."""
         held = np.flatnonzero(self._phy_epoch == self.epoch)
         if held.size and self._cur_map is not None:
-            # In chunks, in the ring's own int32 (a step's count fits, as it does in _extra):
-            # folding a whole DeepSeek-sized window at once made ~0.5 GB of int64 temporaries,
-            # which glibc kept as resident memory after every commit.
-            for i in range(0, held.size, _FOLD_CHUNK):
-                rows = held[i:i + _FOLD_CHUNK]
-                self._extra[rows] += self._cur_map(self._phy[rows], torch.int32)
-            self._extra_used[held] = True
             self._extra_sum += self._cur_map(self._phy_sum[None])[0]
-        self._phy[:] = 0
-        self._phy_epoch[:] = -1
+            self._stale.update(dict.fromkeys(held.tolist(), self._cur_map))
+        else:
+            self._phy[held] = 0
+        self._phy_epoch[held] = -1
         self._phy_sum[:] = 0
         self._phy_steps = 0
         self._cur_map = None
+
+    def _materialize(self, rows: list[int]) -> None:
+        """Fold stale rows into the logical ring (their sum is counted already), a chunk per mapper at a
+        time in the ring's int32: whole-window int64 temporaries stayed resident after a fold."""
+        groups: dict[int, tuple[_LogicalMap, list[int]]] = {}
+        for row in rows:
+            mapper = self._stale.pop(row, None)
+            if mapper is not None:
+                groups.setdefault(id(mapper), (mapper, []))[1].append(row)
+        for mapper, held in groups.values():
+            idx = np.array(held, dtype=np.int64)
+            for i in range(0, idx.size, _FOLD_CHUNK):
+                part = idx[i:i + _FOLD_CHUNK]
+                self._extra[part] += mapper(self._phy[part], torch.int32)
+            self._extra_used[idx] = True
+            self._phy[idx] = 0
 
     # -- queries --------------------------------------------------------------
     @property
@@ -341,8 +367,13 @@ class LoadWindow:
         valid = np.flatnonzero(self._step >= 0)
         order = valid[np.argsort(self._step[valid], kind="stable")]
         load = self._extra[order].astype(np.int64)
-        if self._phy_steps and self._cur_map is not None:
-            load += self._cur_map(self._phy[order])
+        current = self._phy_epoch[order] == self.epoch
+        if self._phy_steps and self._cur_map is not None and current.any():
+            load[current] += self._cur_map(self._phy[order[current]])
+        for i, row in enumerate(order.tolist()):
+            stale = self._stale.get(row)
+            if stale is not None:
+                load[i] += stale(self._phy[row][None])[0]
         return self._step[order].copy(), load
 
 
