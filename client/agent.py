@@ -34,17 +34,16 @@ permitted are still applied: see ``proto.Abort.keep_layers``).
 ``use_async=False`` is the blocking baseline (vLLM's synchronous EPLB): the whole
 rearrangement (transfers, permission round trips, copies) runs inside one step boundary
 on the engine thread.
+
+This module holds the engine-thread side; the agent thread's methods are in ``agent_thread`` (mixed into
+``PlacementAgent``), the plan state both threads share, the counters and the fault injection in ``agent_state``.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import datetime
 import logging
-import os
-import random
-import signal
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -52,143 +51,20 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from eplbd.chaos import MessageChaos
+from eplbd.client.agent_state import AgentStats, Chaos, ThrottledReporter, _Active
+from eplbd.client.agent_thread import AgentThread
 from eplbd.client.comm.base import Communicator
 from eplbd.client.reporter import LoadReporter
-from eplbd.client.schedule import LayerSchedule, plan_schedules
 from eplbd.client.streams import StagingStream
 from eplbd.client.worker import WorkerLink
-from eplbd.errors import EplbdError, InvalidArgumentError, NotRegisteredError, UnavailableError
-from eplbd.proto import Abort, Commit, CurveKeys, Plan
+from eplbd.errors import InvalidArgumentError, UnavailableError
+from eplbd.proto import CurveKeys
+
+__all__ = ["COMMUNICATORS", "AgentStats", "Chaos", "PlacementAgent", "make_communicator", "placement_check"]
 
 log = logging.getLogger("eplbd.agent")
 
 COMMUNICATORS = ("auto", "torch_gloo", "nixl", "torch_nccl")
-
-
-@dataclasses.dataclass
-class Chaos:
-    """Fault injection for tests.
-
-    Attributes:
-        max_delay_s: random delay before handling each message from the daemon and before each
-            transfer batch.
-        fail_batch: the n-th transfer batch of this rank fails (as a corrupted transfer would).
-        kill_batch: this process kills itself (SIGKILL) when its n-th transfer batch starts, so
-            the peer of that batch is left mid-transfer.
-        dup_p, reorder_p: messages to the daemon (LayerReady, Ack, Abort) are duplicated /
-            sent after the next one with these probabilities (``eplbd.chaos.MessageChaos``).
-        report_delay_s: the load sender sleeps this long before each report (a slow rank).
-    """
-
-    max_delay_s: float = 0.0
-    seed: int = 0
-    fail_batch: int = -1
-    kill_batch: int = -1
-    dup_p: float = 0.0
-    reorder_p: float = 0.0
-    report_delay_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        self._rng = random.Random(self.seed)
-        self._batches = 0
-        self.messages = MessageChaos(dup_p=self.dup_p, reorder_p=self.reorder_p, seed=self.seed)
-
-    def delay(self) -> None:
-        if self.max_delay_s > 0:
-            time.sleep(self._rng.uniform(0, self.max_delay_s))
-
-    def before_batch(self) -> None:
-        """Before a transfer batch: the random delay, and the kill of ``kill_batch``."""
-        self.delay()
-        if self._batches + 1 == self.kill_batch:
-            log.warning("chaos: killing this process (pid %d) at transfer batch %d", os.getpid(), self.kill_batch)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def check_batch(self) -> None:
-        """After a batch: fail the ``fail_batch``-th one (as a corrupted or partial transfer would)."""
-        self._batches += 1
-        if self._batches == self.fail_batch:
-            raise EplbdError(f"injected transfer failure on batch {self._batches}")
-
-
-class ThrottledReporter(LoadReporter):
-    """A ``LoadReporter`` whose sender sleeps ``delay_s`` before each report (``Chaos.report_delay_s``):
-    a slow rank for tests. ``sent_steps`` lists ``(first_step, steps)`` of every report that got out."""
-
-    def __init__(self, *args: Any, delay_s: float, **kwargs: Any) -> None:
-        self.delay_s = delay_s
-        self.sent_steps: list[tuple[int, int]] = []
-        super().__init__(*args, **kwargs)
-
-    def _send(self, slots: list[int], first_step: int, tag: tuple[int, int], events: list) -> None:
-        time.sleep(self.delay_s)
-        before = self.steps_sent
-        super()._send(slots, first_step, tag, events)
-        if self.steps_sent != before:
-            self.sent_steps.append((first_step, len(slots)))
-
-
-@dataclasses.dataclass
-class AgentStats:
-    """Counters of one rank (sum them over ranks for the group)."""
-
-    plans_received: int = 0
-    plans_committed: int = 0
-    plans_aborted: int = 0
-    plans_refused: int = 0
-    plans_stale: int = 0  # duplicated or replayed plans ignored (id not above the highest seen)
-    plans_orphaned: int = 0  # plans the daemon forgot (it restarted), settled among the ranks
-    applied_plans: list[int] = dataclasses.field(default_factory=list)  # plan ids applied, in order
-    applied: list[list[int]] = dataclasses.field(default_factory=list)  # [plan id, layer] of each layer applied
-    layers_applied: int = 0
-    slots_changed: int = 0  # local slots whose expert changed at commit
-    experts_received: int = 0  # remote transfers into this rank
-    bytes_received: int = 0
-    registrations: int = 0
-    apply_s: list[float] = dataclasses.field(default_factory=list)  # time inside after_step per apply
-    stage_s: list[float] = dataclasses.field(default_factory=list)  # per staged layer (agent thread)
-
-
-class _Active:
-    """The plan being staged/applied; shared between the two threads under the agent's lock."""
-
-    def __init__(self, plan: Plan, schedules: list[LayerSchedule]) -> None:
-        self.plan = plan
-        self.layers = list(plan.layers)
-        self.rows = {layer: plan.phy2log[i] for i, layer in enumerate(plan.layers)}
-        self.schedules = schedules
-        self.granted = 0  # layers every rank agreed to stage (in-band, at a commit boundary)
-        self.started = 0  # layers this rank has run the transfers of (<= granted)
-        self.claimed = 0  # layers whose staging took a buffer (started <= claimed <= granted)
-        self.staged = 0  # prefix of self.layers staged successfully here
-        self.permitted: set[int] = set()
-        self.buffers: dict[int, int] = {}  # layer index -> staging buffer
-        self.events: dict[int, Any] = {}  # layer index -> CUDA event of its staging (GPU only)
-        self.applied = 0
-        self.failed = ""  # a transfer failed here: no more grants for this plan, anywhere
-        self.aborted = False  # the daemon aborted it (nothing kept): dropped once granted staging is done
-        self.orphaned = ""  # the daemon that pushed it is gone: the ranks end it in-band (see _cadence)
-
-    @property
-    def permitted_prefix(self) -> int:
-        n = 0
-        while n < len(self.layers) and self.layers[n] in self.permitted:
-            n += 1
-        return n
-
-    def ready(self) -> int:
-        return min(self.staged, self.permitted_prefix)
-
-    @property
-    def flagged(self) -> bool:
-        """No more layers of this plan may be granted, on any rank."""
-        return bool(self.failed or self.aborted or self.orphaned)
-
-    @property
-    def closable(self) -> bool:
-        """Orphaned, and this rank runs no granted staging a peer may be waiting on."""
-        return bool(self.orphaned) and self.started >= self.granted
 
 
 def make_communicator(name: str, rank: int, world_size: int, group: Any, *, timeout_s: float = 60.0) -> Communicator:
@@ -209,7 +85,7 @@ def make_communicator(name: str, rank: int, world_size: int, group: Any, *, time
     return GlooCommunicator(rank, world_size, group, timeout_s=timeout_s)
 
 
-class PlacementAgent:
+class PlacementAgent(AgentThread):
     """Applies the daemon's plans to one rank's model. See the module docstring.
 
     Args:
@@ -479,239 +355,6 @@ class PlacementAgent:
                 time.sleep(0.0005)
             applied, granted = self._cadence(step)
 
-    # -- agent thread -----------------------------------------------------------------------
-    def _run(self) -> None:
-        last_hb = 0.0
-        while not self._stop.is_set():
-            try:
-                if not self._registered:
-                    if self._settle_before_registering():
-                        self._register()
-                    continue
-                self._drain_outbox()
-                msg = self.link.poll_pushed(0.005)
-                if msg is not None:
-                    self.chaos.delay()
-                    self._on_pushed(msg)
-                if self.use_async:
-                    self._maybe_stage()
-                if time.monotonic() - last_hb > self.heartbeat_s:
-                    last_hb = time.monotonic()
-                    self.link.heartbeat(self._step, self.epoch)
-            except NotRegisteredError:
-                log.warning("rank %d: daemon does not know this rank (restarted?); registering again", self.rank)
-                self._registered = False
-                self._orphan("the daemon no longer knows this rank (it restarted?)")
-            except EplbdError as exc:  # daemon unreachable: keep serving, retry
-                log.info("rank %d: daemon unavailable: %s", self.rank, exc)
-                self._stop.wait(0.2)
-            except Exception:  # a bug must not kill the engine; it is logged and retried
-                log.exception("rank %d: agent thread error", self.rank)
-                self._stop.wait(0.2)
-
-    def _orphan(self, reason: str) -> None:
-        """The daemon lost this rank, so it cannot finish the plan in flight: flag it for the in-band end."""
-        with self._lock:
-            a = self._active
-            if a is not None and not a.orphaned:
-                a.orphaned = reason
-                log.warning("rank %d: plan %d orphaned: %s", self.rank, a.plan.plan_id, reason)
-
-    def _settle_before_registering(self) -> bool:
-        """Register only without a plan in flight: the placement registered is then the one every rank
-        runs. An orphaned plan ends at a commit boundary (``_cadence``), for all ranks at once; the
-        engine keeps stepping meanwhile. Granted staging keeps running (peers wait on it)."""
-        with self._lock:
-            a = self._active
-        if a is None:
-            return True
-        if self.use_async:
-            self._maybe_stage()
-        self._stop.wait(0.01)
-        return False
-
-    def _register(self) -> None:
-        with self._lock:
-            phy2log, epoch = self.phy2log.cpu().clone(), self.epoch
-        try:
-            reg = self.link.register(epoch=epoch, phy2log=phy2log, step=self._step, last_plan_id=self._max_plan_id,
-                                     **self._reg_args)
-        except EplbdError as exc:
-            log.info("rank %d: registration failed (%s); retrying", self.rank, exc)
-            self._stop.wait(0.5)
-            return
-        self.stats.registrations += 1
-        self._registered = True
-        # Whatever was queued for the daemon before belongs to plans it no longer knows.
-        self._outbox.clear()
-        self.reporter.set_identity(self.link.worker_id, self.link.session)
-        if reg.commit_interval_steps and reg.commit_interval_steps != self.commit_interval:
-            log.warning("rank %d: daemon's commit_interval_steps %d differs from this group's %d; using %d",
-                        self.rank, reg.commit_interval_steps, self.commit_interval, self.commit_interval)
-        if reg.plan is not None:
-            self._on_pushed(reg.plan)
-
-    def _drain_outbox(self) -> None:
-        """Send what the engine thread queued, in order (``Chaos`` may duplicate or reorder). A send
-        that fails because the daemon is unreachable stays queued (raised to ``_run``, retried); any
-        other failure drops it, logged."""
-        chaos = self.chaos.messages if self.chaos.messages.active else None
-        if chaos is not None:
-            self._outbox.extendleft(m for _, m in chaos.due(time.monotonic()))
-        while self._outbox:
-            item = self._outbox.popleft()
-            sends = [item] if chaos is None else chaos.process(0, item, time.monotonic())
-            for i, send in enumerate(sends):
-                try:
-                    send()
-                except EplbdError as exc:
-                    if not isinstance(exc, (UnavailableError, NotRegisteredError)):
-                        log.warning("rank %d: daemon refused a message: %s", self.rank, exc)
-                        continue
-                    self._outbox.extendleft(reversed(sends[i:]))
-                    raise
-                except Exception:
-                    log.exception("rank %d: dropping a message to the daemon", self.rank)
-
-    def _on_pushed(self, msg: Any) -> None:
-        if isinstance(msg, Plan):
-            self._on_plan(msg)
-        elif isinstance(msg, Commit):
-            with self._lock:
-                a = self._active
-                if a is not None and a.plan.plan_id == msg.plan_id:
-                    a.permitted.update(msg.layers)
-        elif isinstance(msg, Abort):
-            self._on_abort(msg)
-
-    def _on_plan(self, plan: Plan) -> None:
-        with self._lock:
-            if plan.plan_id <= self._max_plan_id:
-                self.stats.plans_stale += 1  # a duplicate, or replayed from before: never applied
-                log.info("rank %d: ignoring plan %d (already seen plan %d)", self.rank, plan.plan_id,
-                         self._max_plan_id)
-                return
-            self._max_plan_id = plan.plan_id
-            self.stats.plans_received += 1
-            a = self._active
-            reason = ""
-            if a is not None:
-                reason = f"rank {self.rank} is still applying plan {a.plan.plan_id}"
-            elif plan.base_epoch != self.epoch:
-                reason = f"plan base epoch {plan.base_epoch} is not rank {self.rank}'s epoch {self.epoch}"
-            if not reason:
-                try:
-                    scheds = plan_schedules(plan.layers, self.phy2log.cpu(), plan.phy2log, self.ep_size)
-                except EplbdError as exc:
-                    reason = f"rank {self.rank} cannot schedule plan {plan.plan_id}: {exc}"
-            if not reason:
-                self._active = _Active(plan, scheds)
-        if reason:
-            self.stats.plans_refused += 1
-            log.warning("refusing plan %d: %s", plan.plan_id, reason)
-            self.link.abort(plan.plan_id, plan.epoch, reason)
-            return
-
-    def _on_abort(self, msg: Abort) -> None:
-        with self._lock:
-            a = self._active
-            if a is None or a.plan.plan_id != msg.plan_id:
-                return
-            if msg.keep_layers:
-                # Permitted layers are staged on every rank; they are still applied.
-                keep = set(msg.keep_layers)
-                n = 0
-                while n < len(a.layers) and a.layers[n] in keep:
-                    n += 1
-                a.layers = a.layers[:n]  # schedules stay whole: granted layers are still run (see below)
-                a.permitted |= keep
-                a.failed = a.failed or f"aborted, keeping {n} layer(s): {msg.reason}"
-                self._release_unneeded(a)
-                if a.applied >= n:
-                    self._finish(a)
-            else:
-                a.aborted = True
-                self._release_unneeded(a)
-        log.warning("rank %d: plan %d aborted: %s", self.rank, msg.plan_id, msg.reason)
-
-    def _release_unneeded(self, a: _Active) -> None:
-        """Under the lock: once no granted staging is pending, free buffers of layers that will not be
-        applied, and drop a plan the daemon aborted outright."""
-        if a.started < a.granted:
-            return  # the agent thread finishes the granted layers first (peers are waiting for them)
-        for i in [i for i in a.buffers if i >= len(a.layers) or a.aborted]:
-            self._free.append(a.buffers.pop(i))
-        if a.aborted and self._active is a:
-            self._active = None
-            self.stats.plans_aborted += 1
-
-    def _maybe_stage(self) -> None:
-        with self._lock:
-            a = self._active
-            if a is None or a.started >= a.granted:
-                return
-        self._stage_granted(a)
-
-    def _stage_granted(self, a: _Active) -> None:
-        """Run the transfers of every granted layer. A granted layer is always run to the end, even
-        after a failure here (its results are then unused): the peers are running it too."""
-        while True:
-            with self._lock:
-                if a.started >= a.granted:
-                    self._release_unneeded(a)
-                    return
-                i, buf = a.started, self._free.pop()
-                a.claimed = i + 1
-            with self._streams.staging():
-                ok = self._stage_layer(a, i, buf)
-                event = self._streams.staged()
-            with self._lock:
-                a.started = i + 1
-                if ok and not a.failed and a.staged == i:
-                    a.buffers[i] = buf
-                    a.events[i] = event
-                    a.staged = i + 1
-                    layer = a.layers[i] if i < len(a.layers) else -1
-                else:
-                    self._free.append(buf)
-                    layer = -1
-            if layer >= 0:
-                self._outbox.append(lambda layer=layer: self.link.layer_ready(a.plan.plan_id, a.plan.epoch, [layer]))
-
-    def _stage_layer(self, a: _Active, i: int, buf: int) -> bool:
-        """Stage layer ``i`` of the plan into ``buf``: remote batches, then local copies."""
-        layer, sched = a.plan.layers[i], a.schedules[i]
-        t0 = time.perf_counter()
-        before = self.comm.bytes_received
-        error, peer = "", -1
-        for batch in sched.for_rank(self.rank):
-            if not batch:
-                continue
-            try:
-                self.chaos.before_batch()
-                self.comm.run_batch(buf, batch)
-            except EplbdError as exc:
-                # Batches are conflict-free: this rank talked to one peer in it.
-                error, peer = (error, peer) if error else (f"staging layer {layer} failed: {exc}", _peer(batch, self.rank))
-                continue
-            try:
-                self.chaos.check_batch()
-            except EplbdError as exc:
-                error = error or f"staging layer {layer} failed: {exc}"
-        if error:
-            with self._lock:
-                first = not a.failed
-                a.failed = a.failed or error
-            log.warning("rank %d: plan %d: %s", self.rank, a.plan.plan_id, error)
-            if first:
-                self._outbox.append(lambda: self.link.abort(a.plan.plan_id, a.plan.epoch, error, peer=peer))
-            return False
-        sched.copy_local(self.rank, self.model.expert_weights[layer], self.staging[buf])
-        self.stats.stage_s.append(time.perf_counter() - t0)
-        self.stats.bytes_received += self.comm.bytes_received - before
-        self.stats.experts_received += sum(1 for b in sched.batches for t in b if t.dst_rank == self.rank)
-        return True
-
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
         self._stop.set()
@@ -728,12 +371,6 @@ def _same_layout(buffer: Sequence[torch.Tensor], layer: Sequence[torch.Tensor]) 
     """Whether ``buffer`` can stage ``layer``: the same tensors' shapes, dtypes and device, in order."""
     return len(buffer) == len(layer) and all(
         (b.shape, b.dtype, b.device) == (t.shape, t.dtype, t.device) for b, t in zip(buffer, layer))
-
-
-def _peer(batch: Sequence[Any], rank: int) -> int:
-    """The one peer ``rank`` exchanges with in a conflict-free batch (-1 if that is not one rank)."""
-    peers = {t.src_rank if t.dst_rank == rank else t.dst_rank for t in batch}
-    return peers.pop() if len(peers) == 1 else -1
 
 
 def placement_check(weights: Sequence[Sequence[torch.Tensor]], originals: Sequence[Sequence[torch.Tensor]],
