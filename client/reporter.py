@@ -32,28 +32,8 @@ that long.
 
 CUDA
 ----
-``record`` never synchronises the caller's (forward) stream with the host:
-
-1. on the current stream, the load is copied into a small device staging
-   ring (``_STAGING_DEPTH`` slots, allocated once) and an event is recorded;
-2. a side stream waits on that event and copies the staging slot into the
-   pinned host slot (``non_blocking=True``), then records the slot's event;
-3. the sender thread polls that event (``Event.query``, no host sync of the
-   forward stream) before reading the host slot.
-
-Why the device-side snapshot in step 1 rather than copying ``load`` itself
-on the side stream: ``side.wait_stream(current)`` only orders the side copy
-*after* the work queued before ``record``; it does not order it *before*
-work the caller queues afterwards. An engine that zeroes or refills its load
-buffer on the forward stream right after ``record`` (vLLM does, every step)
-would race with the side copy, and the report could carry the later values.
-The snapshot copy is on the forward stream, so stream order guarantees it
-reads the values of the time of ``record`` and that later writes come after
-it. It costs the forward stream one small device-to-device copy (~75 KB at
-DeepSeek-V3 shape); the slower device-to-host copy overlaps on the side
-stream. Before a staging slot is reused, the forward stream waits (on the
-GPU, not the host) for the event of the previous device-to-host copy out of
-it, which has normally completed long before.
+``record`` never synchronises the caller's (forward) stream with the host: see
+``eplbd.client.reporter_cuda``. The sender thread is in ``eplbd.client.reporter_sender``.
 
 Accounting
 ----------
@@ -80,47 +60,17 @@ from typing import Any
 import torch
 import zmq
 
+from eplbd.client.reporter_cuda import _NO_DEVICE, CudaCopy, _CudaPath
+from eplbd.client.reporter_sender import ReportSender
 from eplbd.errors import InvalidArgumentError
-from eplbd.proto import CurveKeys, Encoder, LoadReport, make_socket
+from eplbd.proto import CurveKeys, Encoder, make_socket
 
 log = logging.getLogger(__name__)
 
 _INT_DTYPES = frozenset((torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64))
-# Device staging slots: each one only has to outlive one device-to-host copy,
-# which completes microseconds after it is queued.
-_STAGING_DEPTH = 8
-# How long the sender waits for the socket to become writable (not connected
-# yet, or the daemon's queue full) before a send counts as failed. It waits on
-# its own thread; meanwhile the FIFO absorbs new steps and drops the oldest.
-_SEND_WAIT_S = 0.25
-_POLL_SLICE_S = 0.02  # waits are sliced so that close() is noticed promptly
-_EVENT_POLL_S = 0.0002
-_NO_DEVICE = -2  # get_device() is -1 for CPU tensors, the index for CUDA ones
 
 
-class _CudaPath:
-    """The CUDA pieces (see the module docstring), made on the first CUDA ``record``."""
-
-    def __init__(self, device: torch.device, shape: torch.Size, depth: int) -> None:
-        self.device = device
-        self.side = torch.cuda.Stream(device=device)
-        self.staging = torch.empty((depth, *shape), dtype=torch.int32, device=device)
-        # The staging ring is read on the side stream: if the reporter goes away
-        # while a copy is in flight, the caching allocator must not hand the
-        # memory to another tensor before that copy is done.
-        self.staging.record_stream(self.side)
-        self.slots = self.staging.unbind(0)
-        self.snap = [torch.cuda.Event() for _ in range(depth)]  # snapshot j taken (forward stream)
-        # Copy out of staging slot j done (side stream). Separate from the host
-        # slots' events: those are re-recorded whenever a host slot is reused,
-        # and the forward stream must wait only for the copy it is about to
-        # overwrite, never for a newer one.
-        self.out = [torch.cuda.Event() for _ in range(depth)]
-        self.depth = depth
-        self.n = 0  # records so far: picks the staging slot
-
-
-class LoadReporter:
+class LoadReporter(CudaCopy, ReportSender):
     """Batches per-step load and pushes ``LoadReport`` messages to the daemon's ingest socket.
 
     Args:
@@ -295,50 +245,6 @@ class LoadReporter:
                 self._sender_waiting = False
                 self._cond.notify()
 
-    def _bind_device(self, load: torch.Tensor, dev: int) -> None:
-        """First record: remember the device. A later one on another device is refused: the slot
-        reuse rules rely on every copy into host memory going through one stream."""
-        if self._device != _NO_DEVICE:
-            raise InvalidArgumentError(
-                f"LoadReporter.record: load is on {load.device}, but earlier loads were on "
-                f"{'cpu' if self._device < 0 else f'cuda:{self._device}'}; use one device per reporter")
-        if dev >= 0:
-            if load.device.type != "cuda":
-                raise InvalidArgumentError(f"LoadReporter.record: load is on {load.device}, expected cpu or cuda")
-            self._cuda = _CudaPath(load.device, self._shape, _STAGING_DEPTH)
-        elif load.device.type != "cpu":
-            raise InvalidArgumentError(f"LoadReporter.record: load is on {load.device}, expected cpu or cuda")
-        self._device = dev
-
-    def _copy_cuda(self, slot: int, load: torch.Tensor) -> None:
-        """The CUDA half of ``record`` (see the module docstring); called under the lock.
-
-        Host slot reuse needs no extra care: the sender waited for a slot's
-        event before freeing it, and a dropped pending slot is overwritten by
-        a copy queued behind the previous one on the same side stream.
-        """
-        path = self._cuda
-        j = path.n % path.depth
-        path.n += 1
-        cur = torch.cuda.current_stream(path.device)
-        side = path.side
-        if path.n > path.depth:
-            # On the GPU, not the host: the copy out of staging slot j queued
-            # `depth` records ago is done (it normally is, long since).
-            cur.wait_event(path.out[j])
-        staging = path.slots[j]
-        staging.copy_(load)  # forward stream: a snapshot ordered before any later write to load
-        path.snap[j].record(cur)
-        side.wait_event(path.snap[j])
-        with torch.cuda.stream(side):
-            self._slots[slot].copy_(staging, non_blocking=True)
-        path.out[j].record(side)
-        ev = self._host_events[slot]
-        if ev is None:
-            ev = self._host_events[slot] = torch.cuda.Event()
-        ev.record(side)
-        self._events[slot] = ev
-
     def _bad_load(self, load: Any) -> None:
         if not isinstance(load, torch.Tensor):
             raise InvalidArgumentError(f"LoadReporter.record: load must be a torch.Tensor, got {type(load).__name__}")
@@ -407,145 +313,6 @@ class LoadReporter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # -- sender thread ---------------------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            while True:
-                batch = self._next_batch()
-                if batch is None:
-                    break
-                self._send(*batch)
-        except Exception:  # pragma: no cover - the reporter must never take the engine down
-            log.exception("reporter of rank %d: sender thread failed; further steps are dropped", self.rank)
-        finally:
-            with self._lock:
-                rest = self._qhead - self._qtail
-                self._qtail = self._qhead
-                self.steps_dropped += rest
-                self._unreported += rest
-                self._closed = True
-            # Reports already queued in libzmq get until the deadline to leave.
-            remaining = self._deadline - time.monotonic()
-            linger = int(max(0.0, min(remaining, 60.0)) * 1000) if math.isfinite(remaining) else 0
-            self._sock.close(linger=linger)
-
-    def _run_length(self, pending: int) -> int:
-        """Steps from the FIFO's front that fit one report: consecutive, one tag, at most batch_steps."""
-        cap, tail = self._cap, self._qtail
-        q0 = tail % cap
-        step0, tag0 = self._q_step[q0], self._q_tag[q0]
-        k = 1
-        limit = min(pending, self.batch_steps)
-        while k < limit:
-            q = (tail + k) % cap
-            if self._q_step[q] != step0 + k or self._q_tag[q] != tag0:
-                break
-            k += 1
-        return k
-
-    def _next_batch(self) -> tuple | None:
-        """Wait until a batch should go out and take it off the FIFO: ``(slots, first_step, tag, events)``.
-
-        Returns None when the sender should stop.
-        """
-        with self._cond:
-            while True:
-                now = time.monotonic()
-                head, tail = self._qhead, self._qtail
-                if head != self._seen_head:
-                    self._seen_head, self._last_change = head, now
-                pending = head - tail
-                if self._closing and (now >= self._deadline or self._worker_id is None or pending == 0):
-                    return None
-                if pending and self._worker_id is not None:
-                    k = self._run_length(pending)
-                    if (k == self.batch_steps or k < pending or self._closing or tail < self._flush_upto
-                            or now - self._last_change >= self.flush_interval_s):
-                        cap = self._cap
-                        slots = [self._q_slot[(tail + n) % cap] for n in range(k)]
-                        self._qtail = tail + k
-                        q0 = tail % cap
-                        return slots, self._q_step[q0], self._q_tag[q0], [self._events[s] for s in slots]
-                    timeout = self.flush_interval_s - (now - self._last_change)
-                else:
-                    timeout = self.flush_interval_s
-                if self._closing:
-                    timeout = min(timeout, self._deadline - now)
-                self._sender_waiting = True
-                self._cond.wait(max(timeout, 0.001))
-                self._sender_waiting = False
-
-    def _wait_events(self, events: list) -> bool:
-        """Poll the CUDA events guarding the batch's slots; False if close's deadline passed first.
-
-        ``query`` rather than ``synchronize``: it never blocks, so close() stays
-        bounded even if the forward stream is stuck.
-        """
-        for ev in events:
-            if ev is None:
-                continue
-            while not ev.query():
-                if self._closing and time.monotonic() >= self._deadline:
-                    return False
-                time.sleep(_EVENT_POLL_S)
-        return True
-
-    def _wait_writable(self) -> bool:
-        """Wait (bounded) until the PUSH socket can take a message: connected, and below its HWM."""
-        sock = self._sock
-        if sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
-            return True
-        end = time.monotonic() + max(_SEND_WAIT_S, self.flush_interval_s)
-        while True:
-            now = time.monotonic()
-            if self._closing:
-                end = min(end, self._deadline)
-            if now >= end:
-                return False
-            if sock.poll(max(1, int(min(end - now, _POLL_SLICE_S) * 1000)), zmq.POLLOUT):
-                return True
-
-    def _send(self, slots: list[int], first_step: int, tag: tuple[int, int], events: list) -> None:
-        n = len(slots)
-        ready = self._wait_events(events)
-        if ready:
-            # A fresh tensor per report: the frame goes out zero-copy, so libzmq
-            # may read it after send returns; it must never be reused.
-            load = torch.stack([self._slots[s] for s in slots]) if n > 1 else self._slots[slots[0]].clone()[None]
-        with self._lock:
-            self._free.extend(reversed(slots))  # LIFO: the batch's first slot is reused first
-            for s in slots:
-                self._events[s] = None
-            if not ready:
-                self.steps_dropped += n
-                self._unreported += n
-                return
-            seq = self._seq
-            self._seq += 1
-            worker_id, session = self._worker_id, self._session
-            dropped = self._unreported
-        ok = False
-        try:
-            msg = LoadReport(rank=self.rank, worker_id=worker_id, epoch=tag[0], layers_applied=tag[1],
-                             first_step=first_step, seq=seq, load=load, dropped_steps=dropped, session=session)
-            frames = self._enc.encode(msg)
-            if self._wait_writable():
-                self._sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
-                ok = True
-        except zmq.Again:
-            pass
-        except (zmq.ZMQError, InvalidArgumentError) as exc:  # pragma: no cover - defensive
-            log.warning("reporter of rank %d: report seq %d not sent: %s", self.rank, seq, exc)
-        with self._lock:
-            if ok:
-                self.steps_sent += n
-                self.reports_sent += 1
-                self._unreported -= dropped
-            else:
-                self.reports_failed += 1
-                self.steps_dropped += n
-                self._unreported += n
 
 
 __all__ = ["LoadReporter"]
