@@ -28,7 +28,6 @@ from eplbd.refengine.model import (
     RefMoEModel,
     TraceRouting,
     _quant,
-    _schedule,
     expert_stage,
     local_expert_weights,
     logical_expert_weights,
@@ -37,6 +36,7 @@ from eplbd.refengine.model import (
     router_weights,
 )
 from eplbd.offline.trace import batch_schedule
+from eplbd.refengine.model_trace import _schedule
 
 SHAPE = dict(num_layers=4, hidden=32, ffn=40, num_logical=32, top_k=4, num_redundant=8, seed=3)
 
