@@ -154,9 +154,10 @@ class Daemon:
             opened.append(self._bind(zmq.PULL, "ingest", INGEST_DOMAIN, hwm=s.ingest_hwm))
             if s.metrics_port >= 0:
                 self._metrics_server = MetricsServer(self.metrics.registry, s.metrics_host, s.metrics_port,
-                                                     health=self._health, ready=self._ready)
+                                                     health=self._health, ready=self._ready,
+                                                     loop=asyncio.get_running_loop())
                 try:
-                    self.metrics_port = await self._metrics_server.start()
+                    self.metrics_port = self._metrics_server.start()
                 except OSError as exc:
                     self._metrics_server = None
                     raise ConfigError(f"cannot serve metrics on metrics_host={s.metrics_host!r} "
@@ -236,7 +237,7 @@ class Daemon:
         await asyncio.gather(*self._tasks, *self._pending, return_exceptions=True)
         self._tasks = []
         if self._metrics_server is not None:
-            await self._metrics_server.stop()
+            await asyncio.to_thread(self._metrics_server.stop)
         self._router.close(linger=200)
         self._stop_auth()
         self._pull.close(linger=0)
