@@ -17,7 +17,7 @@ from eplbd.client.rpc import EplbClient
 from eplbd.client.worker import WorkerLink
 from eplbd.policy import initial_placement
 from eplbd.proto import Decoder, Encoder, ErrorReply, ResizeReply, ResizeRequest, make_socket
-from eplbd.daemon.server import MAX_PENDING
+from eplbd.daemon.loops import MAX_PENDING
 from eplbd.daemon.window import LoadWindow, window_bytes
 
 

@@ -1,4 +1,5 @@
-"""The daemon's I/O shell: sockets, tasks, signals around ``DaemonState``.
+"""The daemon's I/O shell around ``DaemonState``: its lifecycle (bind, serve, one shutdown path), signals
+and systemd readiness; the loops live in eplbd.daemon.loops, the request handlers in eplbd.daemon.dispatch.
 
 Sockets (DESIGN.md section 4): a PULL bound at ``settings.ingest`` for load
 reports, a ROUTER bound at ``settings.rpc`` for every request/reply and for the
@@ -22,45 +23,25 @@ import pathlib
 import signal
 import socket
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import zmq
 import zmq.asyncio
 
 from eplbd.chaos import MessageChaos
-from eplbd.daemon.auth import (INGEST_DOMAIN, OPERATOR, RPC_DOMAIN, WORKER, CurveSetup, ZapAuthenticator, authorize,
-                        load_curve, warn_if_exposed)
-from eplbd.errors import ConfigError, EplbdError, PermissionDeniedError, ProtocolError, UnavailableError
+from eplbd.daemon.auth import (INGEST_DOMAIN, OPERATOR, RPC_DOMAIN, WORKER, CurveSetup, ZapAuthenticator, load_curve,
+                               warn_if_exposed)
+from eplbd.daemon.dispatch import Dispatch
+from eplbd.daemon.loops import MALFORMED_LOG_INTERVAL_S, Loops
 from eplbd.daemon.metrics import MetricsServer
 from eplbd.daemon.observe import DaemonMetrics
-from eplbd.proto import (PROTOCOL_VERSION, REQUEST_TYPES, Abort, Ack, BalancednessRequest, ConfigReply, Decoder,
-                         DumpWindowReply, DumpWindowRequest, Encoder, ErrorReply, GetConfigRequest,
-                         GetPlacementRequest, GetPlanRequest, Heartbeat, Hello, LayerReady, LoadPlacementRequest,
-                         LoadReport, OkReply, PauseRequest, PlacementReply, RebalanceRequest, RegisterWorker,
-                         Release, ResumeRequest, SetConfigRequest, StatusRequest, Welcome, bound_endpoint,
-                         check_version, expect, make_socket)
-from eplbd.proto import GetResizeRequest, ResizeRequest
-from eplbd.settings import DaemonSettings, apply_update
-from eplbd.daemon.resize import ResizeJob
-from eplbd.daemon.state import DaemonState, Outgoing, Sender
+from eplbd.daemon.state import DaemonState
+from eplbd.errors import ConfigError
+from eplbd.proto import Decoder, Encoder, bound_endpoint, make_socket
+from eplbd.settings import DaemonSettings
 
 log = logging.getLogger("eplbd.daemon.server")
-
-TICK_S = 0.05
-METRICS_REFRESH_S = 1.0
-MALFORMED_LOG_INTERVAL_S = 1.0
-INGEST_BATCH = 32  # reports drained per wake-up (~0.4 ms each at DSV3 scale): bounds the RPC wait under load
-MAX_PENDING = 8  # requests waiting on the executor (rebalance, resize, dump); more are refused as unavailable
-
-
-class _Later:
-    """A request answered after work in the executor: ``work`` runs there, ``finish`` (on the loop)
-    turns its result into ``(reply, outgoing)``; an error of either is the reply to request ``req_id``."""
-
-    def __init__(self, work: Callable[[], Any], finish: Callable[[Any], tuple[Any, list[Outgoing]]],
-                 req_id: int) -> None:
-        self.work, self.finish, self.req_id = work, finish, req_id
 
 
 def sd_notify(state: str, env: Mapping[str, str] | None = None) -> bool:
@@ -111,7 +92,7 @@ def _check_state_dir(state_dir: str | None) -> None:
         raise ConfigError(f"state_dir={state_dir!r} is not writable by this user")
 
 
-class Daemon:
+class Daemon(Loops, Dispatch):
     """Args:
         settings: validated ``DaemonSettings``.
         ctx: the process's asyncio ZMQ context (one per process; created if omitted).
@@ -257,280 +238,6 @@ class Daemon:
             return False, f"{st._alive_count(time.time())}/{st.topo.num_gpus} ranks alive"
         return True, "ready"
 
-    # -- loops ----------------------------------------------------------------------------
-    async def _ingest_loop(self) -> None:
-        # A sync shadow of the same socket drains what is queued without a
-        # Future per message (an asyncio socket's NOBLOCK recv returns a Future).
-        drain = zmq.Socket.shadow(self._pull.underlying)
-        while not self._stop.is_set():
-            frames = await self._pull.recv_multipart(copy=False)
-            self._ingest(frames)
-            for _ in range(INGEST_BATCH):
-                try:
-                    frames = drain.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                self._ingest(frames)
-            # With a backlog, pyzmq hands back already-finished futures, so the
-            # await above never yields: give the RPC and tick loops their turn.
-            await asyncio.sleep(0)
-
-    def _ingest(self, frames: list) -> None:
-        now = time.time()
-        user_id = self._user_id(frames[0]) if frames else None
-        try:
-            msg = self._dec.decode(frames)
-            if not isinstance(msg, LoadReport):
-                raise ProtocolError(f"{type(msg).__name__} sent to the ingest socket")
-        except Exception as exc:  # ProtocolError, or a bug: either way one report, not the loop
-            self.state.counters.reports_received += 1
-            self.state.counters.drop("malformed")
-            self._log_malformed(exc)
-            return
-        if self.state.window is None:
-            self.state.counters.reports_received += 1
-            self.state.counters.drop("unknown_rank")
-            return
-        try:
-            self.state.ingest(msg, now, user_id)
-        except Exception:
-            log.exception("internal error applying a report")
-            self.state.counters.drop("internal_error")
-
-    def _log_malformed(self, exc: Exception) -> None:
-        """One line per ``MALFORMED_LOG_INTERVAL_S`` at most: a peer spraying garbage must not flood the
-        log (the counter has every one)."""
-        self._malformed_unlogged += 1
-        now = time.monotonic()
-        if now - self._malformed_log_at >= MALFORMED_LOG_INTERVAL_S:
-            log.info("dropped malformed report: %s (%d malformed since the last such line)", exc,
-                     self._malformed_unlogged)
-            self._malformed_log_at, self._malformed_unlogged = now, 0
-
-    async def _rpc_loop(self) -> None:
-        while not self._stop.is_set():
-            frames = await self._router.recv_multipart(copy=False)
-            if len(frames) < 2:
-                continue
-            identity, body = frames[0].bytes, frames[1:]
-            result = self._handle(identity, body, self._user_id(body[0]))
-            if isinstance(result, _Later) and len(self._pending) >= MAX_PENDING:
-                self._send(identity, ErrorReply.from_exc(UnavailableError(
-                    f"{MAX_PENDING} requests are already being computed (rebalance, resize, dump); retry"),
-                    req_id=result.req_id))
-            elif isinstance(result, _Later):
-                task = asyncio.create_task(self._answer_later(identity, result))
-                self._pending.add(task)
-                task.add_done_callback(self._pending.discard)
-            else:
-                reply, out = result
-                if reply is not None:
-                    self._send(identity, reply)
-                self._route(out)
-            await asyncio.sleep(0)  # same reason as in the ingest loop
-
-    async def _answer_later(self, identity: bytes, later: _Later) -> None:
-        """Run a request's heavy part in the executor, then answer it (the loops serve meanwhile)."""
-        req_id = later.req_id
-        try:
-            result = await asyncio.get_running_loop().run_in_executor(None, later.work)
-            reply, out = later.finish(result)
-        except EplbdError as exc:
-            reply, out = ErrorReply.from_exc(exc, req_id=req_id), []
-        except Exception as exc:  # a bug must cost one request, not the daemon
-            log.exception("internal error handling a request")
-            reply, out = ErrorReply.from_exc(exc, req_id=req_id), []
-        self._send(identity, reply)
-        self._route(out)
-
-    def _user_id(self, frame: zmq.Frame) -> str | None:
-        """The ``User-Id`` ZAP gave the sender's connection (``role:name``); None with CURVE off."""
-        if self._auth is None:
-            return None
-        try:
-            return frame.get("User-Id")
-        except zmq.ZMQError:  # cannot happen behind ZAP; refuse rather than trust
-            return ""
-
-    def _handle(self, identity: bytes, body: list,
-                user_id: str | None = None) -> tuple[Any, list[Outgoing]] | _Later:
-        """Decode, authorise (``user_id`` from ZAP; None: CURVE off, all allowed) and dispatch one request;
-        a request with heavy work comes back as a ``_Later`` for the executor."""
-        req_id = 0
-        try:
-            msg = self._dec.decode(body)
-            req_id = getattr(msg, "req_id", 0)
-            expect(msg, REQUEST_TYPES, "the RPC socket")
-            if user_id is not None:
-                authorize(user_id, msg)
-            return self._dispatch(msg, Sender(identity, user_id), time.time())
-        except PermissionDeniedError as exc:
-            log.warning("denied: %s", exc)
-            return ErrorReply.from_exc(exc, req_id=req_id), []
-        except EplbdError as exc:
-            return ErrorReply.from_exc(exc, req_id=req_id), []
-        except Exception as exc:  # a bug must cost one request, not the daemon
-            log.exception("internal error handling a request")
-            return ErrorReply.from_exc(exc, req_id=req_id), []
-
-    def _dispatch(self, msg: Any, sender: Sender, now: float) -> tuple[Any, list[Outgoing]] | _Later:
-        st, rid = self.state, msg.req_id
-        ok = OkReply(req_id=rid)
-        match msg:
-            case Hello():
-                check_version(msg.protocol_version)
-                return Welcome(protocol_version=PROTOCOL_VERSION, daemon_id=st.daemon_id, epoch=st.epoch,
-                               req_id=rid), []
-            case RegisterWorker():
-                reply, out = st.register(msg, sender, now)
-                return reply, out
-            case Heartbeat():
-                st.heartbeat(msg, sender, now)
-                return ok, []
-            case LayerReady():
-                return ok, st.layer_ready(msg, sender, now)
-            case Ack():
-                return ok, st.ack(msg, sender, now)
-            case Abort():
-                return ok, st.worker_abort(msg, sender, now)
-            case Release():
-                st.release(msg, sender, now)
-                return ok, []
-            case StatusRequest():
-                reply = st.status(now)
-                reply.req_id = rid
-                return reply, []
-            case BalancednessRequest():
-                reply = st.balancedness(msg.per_layer, msg.per_rank)
-                reply.req_id = rid
-                return reply, []
-            case RebalanceRequest():
-                job = st.rebalance_job(dry_run=msg.dry_run, layers=msg.layers, policy=msg.policy, force=msg.force,
-                                       now=now)
-                return _Later(job.run, lambda prop: st.finish_plan(job, prop, now=time.time(), dry_run=msg.dry_run,
-                                                                   req_id=rid), rid)
-            case PauseRequest():
-                st.paused, st._decided = True, True
-                st.last_decision_reason = f"paused by operator{': ' + msg.reason if msg.reason else ''}"
-                return OkReply(message="schedule paused", req_id=rid), []
-            case ResumeRequest():
-                st.paused, st._decided = False, True
-                st.last_decision_reason = "resumed by operator"
-                return OkReply(message="schedule resumed", req_id=rid), []
-            case GetPlanRequest():
-                info = st.get_plan(msg.epoch, msg.plan_id).info()
-                info.req_id = rid
-                return info, []
-            case GetPlacementRequest():
-                e = st.epoch if msg.epoch is None else msg.epoch
-                return PlacementReply(epoch=e, phy2log=st.get_placement(msg.epoch), ep_size=st.topo.num_gpus,
-                                      req_id=rid), []
-            case DumpWindowRequest():
-                path, write = st.dump_window_job(msg.path)
-                return _Later(write, lambda steps: (DumpWindowReply(path=path, steps=steps, req_id=rid), []), rid)
-            case LoadPlacementRequest():
-                return st.load_placement(msg.path, dry_run=msg.dry_run, now=now, req_id=rid, moe_layers=msg.moe_layers,
-                                         num_hidden_layers=msg.num_hidden_layers)
-            case ResizeRequest():
-                job = st.resize_job(msg.mapping, msg.ep_size, dry_run=msg.dry_run, req_id=rid)
-                if not isinstance(job, ResizeJob):
-                    return job, []  # a repeat of the resize in progress
-                return _Later(job.run, lambda plan: st.finish_resize(job, plan, dry_run=msg.dry_run, req_id=rid),
-                              rid)
-            case GetResizeRequest():
-                return st.get_resize(msg.epoch, req_id=rid), []
-            case GetConfigRequest():
-                return ConfigReply(config=self.settings.model_dump(mode="json"), req_id=rid), []
-            case SetConfigRequest():
-                new = apply_update(self.settings, msg.key, msg.value)
-                st.set_settings(new)  # may refuse it (a window beyond window_memory_bytes)
-                self.settings = new
-                log.info("config %s set to %r by operator", msg.key, getattr(self.settings, msg.key))
-                return ConfigReply(config=self.settings.model_dump(mode="json"), req_id=rid), []
-        raise ProtocolError(f"no handler for {type(msg).__name__}")
-
-    def _send(self, identity: bytes, msg: Any) -> bool:
-        try:
-            sent = self._router.send_multipart([identity, *self._enc.encode(msg)], copy=False, flags=zmq.NOBLOCK)
-            # zmq.asyncio hands a NOBLOCK send's error back on the (already finished) future.
-            if isinstance(sent, asyncio.Future) and sent.done() and sent.exception() is not None:
-                raise sent.exception()
-            return True
-        except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or its queue full
-            log.warning("could not send %s to %r: %s", type(msg).__name__, identity, exc)
-            return False
-
-    def _route(self, out: list[Outgoing]) -> None:
-        for item in out:
-            if item.identity is not None:  # a connection that is no rank any more (eplbd.daemon.resize)
-                self._send(item.identity, item.msg)
-                continue
-            ranks = list(self.state.workers) if item.rank is None else [item.rank]
-            for r in ranks:
-                if self.chaos is None:
-                    self._send_rank(r, item.msg)
-                    continue
-                for msg in self.chaos.process(r, item.msg, time.monotonic()):
-                    self._send_rank(r, msg)
-
-    def _send_rank(self, rank: int, msg: Any) -> None:
-        w = self.state.workers.get(rank)
-        if w is not None:
-            self._send(w.identity, msg)
-
-    async def _tick_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                if self._planning is None:
-                    out, job = self.state.tick_decide(time.time())
-                    self._route(out)
-                    if job is not None:
-                        self._start_planning(job)
-                if self.chaos is not None:
-                    for rank, msg in self.chaos.due(time.monotonic()):
-                        self._send_rank(rank, msg)
-                self._log_balancedness()
-                if time.monotonic() - self._last_refresh >= METRICS_REFRESH_S:
-                    self._last_refresh = time.monotonic()
-                    self.metrics.refresh(self.state, time.time())
-            except Exception:  # keep scheduling whatever one tick did
-                log.exception("scheduler tick failed")
-            await asyncio.sleep(TICK_S)
-
-    def _start_planning(self, job: Any) -> None:
-        """The scheduler's policy run goes to the executor; its plan is pushed when it is done (the tick
-        loop decides nothing new meanwhile)."""
-        fut = asyncio.get_running_loop().run_in_executor(None, job.run)
-        self._planning = fut
-
-        def done(f: asyncio.Future) -> None:
-            self._planning = None
-            if f.cancelled():
-                return
-            try:
-                _, out = self.state.finish_plan(job, f.result(), now=time.time())
-            except EplbdError as exc:  # the group moved while the policy ran: the next tick decides again
-                log.info("scheduled re-plan dropped: %s", exc)
-                return
-            except Exception:
-                log.exception("scheduled re-plan failed")
-                return
-            self._route(out)
-
-        fut.add_done_callback(done)
-
-    def _log_balancedness(self) -> None:
-        st = self.state
-        if not self.settings.log_balancedness or st.window is None or st.window.newest_step < 0:
-            return
-        step = st.window.newest_step
-        interval = self.settings.log_balancedness_interval
-        if step // interval == self._last_logged_step // interval:
-            return
-        self._last_logged_step = step
-        b = st.balancedness()
-        log.info("balancedness step=%d epoch=%d observed min=%.4f mean=%.4f agg=%.4f predicted mean=%.4f",
-                 step, st.epoch, b.observed.min, b.observed.mean, b.observed.aggregate, b.predicted.mean)
 
 
 async def serve(settings: DaemonSettings, *, ready_line: bool = True) -> None:
