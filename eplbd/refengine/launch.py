@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from eplbd.refengine.demo import DemoConfig, progress_line, summarize_ranks
 from eplbd.errors import EplbdError, TraceError, UnavailableError
-from eplbd.refengine.procs import tied
+from eplbd.refengine.procs import RANK_TIE, tied
 
 # Daemon settings the launcher uses when no --config is given: any free ports on loopback, and a
 # window and interval short enough that a run of a few hundred steps sees plans commit.
@@ -176,8 +176,11 @@ def engine_argv(cfg: LaunchConfig, result_dir: pathlib.Path) -> list[str]:
     from eplbd.refengine.rank import rank_argv
 
     script = cfg.engine or ["-m", "eplbd.refengine", *rank_argv(cfg.rank), "--result-dir", str(result_dir)]
+    # Each rank runs as torchrun would start it (python -u SCRIPT ARGS), but tied to torchrun first: when the
+    # launcher is SIGKILLed torchrun gets SIGTERM, and its own shutdown of the ranks is not to be relied on
+    # (ranks of any engine were seen outliving it).
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.rank.ranks}",
-            *script]
+            "--no-python", *RANK_TIE, sys.executable, "-u", *script]
 
 
 def engine_env(rpc: str, ingest: str, commit_interval_steps: int) -> dict[str, str]:

@@ -31,3 +31,17 @@ def tied(argv: list[str]) -> list[str]:
     """Returns: ``argv`` wrapped to run with ``die_with_parent`` set for this (the launcher's) process."""
     return [sys.executable, "-c", "import sys; from eplbd.refengine.procs import exec_tied; exec_tied(sys.argv[1:])",
             str(os.getpid()), *argv]
+
+
+def exec_tied_to_parent(argv: list[str]) -> None:
+    """``python -c ... CMD...`` started by some parent (torchrun, for an engine rank): ``die_with_parent``,
+    then exec CMD, so the rank gets SIGTERM when its parent exits however it exits, whatever the engine."""
+    parent = os.getppid()
+    die_with_parent()
+    if parent == 1 or os.getppid() != parent:  # the parent died before the setting took
+        sys.exit(1)
+    os.execv(argv[0], argv)
+
+
+RANK_TIE = [sys.executable, "-c", "import sys; from eplbd.refengine.procs import exec_tied_to_parent; "
+            "exec_tied_to_parent(sys.argv[1:])"]
