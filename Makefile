@@ -34,9 +34,10 @@ setup-vllm: $(VLLM_STAMP)
 demo-vllm: $(VLLM_STAMP)
 	$(BIN)/python -m eplbd.integrations.vllm_demo
 
-# The real-vLLM test target (CI runs it after `make test`).
+# The real-vLLM test target (CI runs it after `make test`): the engine end to end, and the `default`
+# policy against vLLM's own (those cases skip in `make test`, where vLLM is not installed).
 test-vllm: $(VLLM_STAMP)
-	$(BIN)/python -m pytest -q -m vllm tests/test_vllm_real.py
+	$(BIN)/python -m pytest -q tests/test_vllm_real.py tests/test_policy_parity.py
 
 demo: $(STAMP)
 	$(BIN)/eplbd demo --trace $(TRACE)
