@@ -143,14 +143,14 @@ class DemoWorkerExtension(EplbdWorkerExtension):
         return list(getattr(self, "_demo_steps", []))
 
 
-def _cpu_env() -> dict[str, str]:
-    """vLLM CPU workers' settings for two ranks on this machine's cores (kept where already set)."""
+def _cpu_env(ranks: int) -> dict[str, str]:
+    """vLLM CPU workers' settings: this process's cores split into ``ranks`` contiguous groups, one per
+    worker's OpenMP threads (a core shared when there are fewer cores than ranks)."""
     cores = sorted(os.sched_getaffinity(0))
-    half = max(1, len(cores) // 2)
-    bind = f"{cores[0]}-{cores[half - 1]}|{cores[half]}-{cores[-1]}" if len(cores) > 1 else "0|0"
-    return {"VLLM_CPU_OMP_THREADS_BIND": bind.replace(f"{cores[0]}-{cores[0]}|", f"{cores[0]}|")
-            .replace(f"|{cores[-1]}-{cores[-1]}", f"|{cores[-1]}"),
-            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    n = max(1, len(cores) // ranks)
+    groups = [cores[i * n:(i + 1) * n] or cores[-1:] for i in range(ranks)]
+    bind = "|".join(str(g[0]) if len(g) == 1 else f"{g[0]}-{g[-1]}" for g in groups)
+    return {"VLLM_CPU_OMP_THREADS_BIND": bind, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 def balancedness(per_rank: list) -> float:
@@ -317,7 +317,7 @@ def run_child(cfg: VllmDemoConfig, say: Callable[[str], None] = print) -> dict[s
     """
     env = dict(os.environ)
     if not torch.cuda.is_available():
-        for k, v in _cpu_env().items():
+        for k, v in _cpu_env(cfg.ep_size).items():
             env.setdefault(k, v)
     with tempfile.TemporaryDirectory(prefix="eplbd-vllm-run-") as tmp:
         cfg_path = pathlib.Path(tmp) / "config.json"
