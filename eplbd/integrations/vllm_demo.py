@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from eplbd.integrations.vllm import EplbdWorkerExtension, _holders, step_hook_target
+from eplbd.policy.balance import layer_balancedness, summarize
 
 
 @dataclasses.dataclass
@@ -151,13 +152,6 @@ def _cpu_env(ranks: int) -> dict[str, str]:
     groups = [cores[i * n:(i + 1) * n] or cores[-1:] for i in range(ranks)]
     bind = "|".join(str(g[0]) if len(g) == 1 else f"{g[0]}-{g[-1]}" for g in groups)
     return {"VLLM_CPU_OMP_THREADS_BIND": bind, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-
-
-def balancedness(per_rank: list) -> float:
-    """vLLM's aggregate balancedness of one step: sum over layers of mean rank load / sum of max."""
-    t = torch.tensor(per_rank, dtype=torch.float64)
-    mx = t.max(dim=-1).values.sum()
-    return float(t.mean(dim=-1).sum() / mx) if mx > 0 else float("nan")
 
 
 def _engine(cfg: VllmDemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
@@ -298,7 +292,8 @@ def _summary(cfg: VllmDemoConfig, version: str, watch: list, identical: bool) ->
     per_round = max(1, len(loaded) // (cfg.rounds + 1))
 
     def window(steps: list) -> float:
-        return balancedness(torch.tensor([w[2] for w in steps], dtype=torch.float64).sum(0).tolist())
+        rank_load = torch.tensor([w[2] for w in steps], dtype=torch.float64).sum(0)  # [layers, ep_size]
+        return summarize(layer_balancedness(rank_load), rank_load).aggregate
 
     return {"engine": "vllm", "vllm_version": version, "balancer": cfg.balancer, "ep_size": cfg.ep_size,
             "steps": len(watch), "outputs_identical": identical,
