@@ -19,12 +19,17 @@ def die_with_parent() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
-def exec_tied(argv: list[str]) -> None:
-    """``python -c ... PARENT_PID CMD...``: ``die_with_parent``, then exec CMD (the setting survives exec)."""
+def _exec_tied(parent: int, argv: list[str]) -> None:
+    """``die_with_parent``, then exec ``argv`` (the setting survives exec) unless ``parent`` is gone already."""
     die_with_parent()
-    if os.getppid() != int(argv[0]):  # the launcher died before the setting took
+    if parent == 1 or os.getppid() != parent:  # the parent died before the setting took
         sys.exit(1)
-    os.execv(argv[1], argv[1:])
+    os.execv(argv[0], argv)
+
+
+def exec_tied(argv: list[str]) -> None:
+    """``python -c ... PARENT_PID CMD...`` (``tied``): exec CMD tied to the launcher PARENT_PID."""
+    _exec_tied(int(argv[0]), argv[1:])
 
 
 def tied(argv: list[str]) -> list[str]:
@@ -34,13 +39,9 @@ def tied(argv: list[str]) -> list[str]:
 
 
 def exec_tied_to_parent(argv: list[str]) -> None:
-    """``python -c ... CMD...`` started by some parent (torchrun, for an engine rank): ``die_with_parent``,
-    then exec CMD, so the rank gets SIGTERM when its parent exits however it exits, whatever the engine."""
-    parent = os.getppid()
-    die_with_parent()
-    if parent == 1 or os.getppid() != parent:  # the parent died before the setting took
-        sys.exit(1)
-    os.execv(argv[0], argv)
+    """``python -c ... CMD...`` started by some parent (torchrun, for an engine rank): exec CMD tied to it,
+    so the rank gets SIGTERM when its parent exits however it exits, whatever the engine."""
+    _exec_tied(os.getppid(), argv)
 
 
 RANK_TIE = [sys.executable, "-c", "import sys; from eplbd.refengine.procs import exec_tied_to_parent; "
