@@ -160,8 +160,7 @@ def _engine(cfg: VllmDemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
 
     import vllm
     from eplbd.client.rpc import EplbClient
-    from eplbd.refengine.launch import _Daemon, _serve_argv, LaunchConfig
-    from eplbd.refengine.demo import DemoConfig
+    from eplbd.refengine.launch import DaemonProcess, serve_argv
 
     work = pathlib.Path(cfg.model_dir or tempfile.mkdtemp(prefix="eplbd-vllm-"))
     model_dir = work / "model"
@@ -177,7 +176,7 @@ def _engine(cfg: VllmDemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
         settings = {"rpc": "tcp://127.0.0.1:0", "ingest": "tcp://127.0.0.1:0", "metrics_port": 0,
                     "window_size": cfg.window_size, "step_interval": cfg.step_interval,
                     "commit_interval_steps": cfg.commit_interval_steps, "state_dir": str(work / "state")}
-        daemon = _Daemon(_serve_argv(LaunchConfig(rank=DemoConfig()), settings), work / "eplbd.log")
+        daemon = DaemonProcess(serve_argv(settings), work / "eplbd.log")
         ready = daemon.wait_ready(60)
         client = EplbClient(ready["rpc"], timeout=10)
         say(f"eplbd serve ready: rpc {ready['rpc']}, ingest {ready['ingest']}")

@@ -83,14 +83,15 @@ def daemon_settings(cfg: LaunchConfig, env: Mapping[str, str]) -> dict[str, Any]
     return given
 
 
-def _serve_argv(cfg: LaunchConfig, settings: Mapping[str, Any]) -> list[str]:
+def serve_argv(settings: Mapping[str, Any], config: str | None = None) -> list[str]:
+    """Returns: the ``eplbd serve`` command line with ``settings`` as flags (and ``--config`` if given)."""
     from eplbd.settings import flag_name
 
-    argv = [sys.executable, "-m", "eplbd.cli", "serve"] + (["--config", cfg.config] if cfg.config else [])
+    argv = [sys.executable, "-m", "eplbd.cli", "serve"] + (["--config", config] if config else [])
     return argv + [x for k, v in settings.items() for x in (flag_name(k), str(v))]
 
 
-class _Daemon:
+class DaemonProcess:
     """``eplbd serve`` as a child: its stdout is read on a thread (the READY line), stderr is logged."""
 
     def __init__(self, argv: list[str], log_path: pathlib.Path) -> None:
@@ -219,7 +220,7 @@ def launch(cfg: LaunchConfig, say: Callable[[str], None] = lambda line: None) ->
     engine: subprocess.Popen | None = None
     t0 = time.monotonic()
     with _sigterm_as_interrupt():
-        daemon = _Daemon(_serve_argv(cfg, daemon_settings(cfg, os.environ)), result_dir / "eplbd.log")
+        daemon = DaemonProcess(serve_argv(daemon_settings(cfg, os.environ), cfg.config), result_dir / "eplbd.log")
         try:
             ready = daemon.wait_ready(cfg.ready_timeout_s)
             with EplbClient(ready["rpc"], timeout=10) as client:
@@ -250,7 +251,7 @@ def launch(cfg: LaunchConfig, say: Callable[[str], None] = lambda line: None) ->
             "result_dir": str(result_dir), "daemon_log": str(daemon.log_path), "summary": summary}
 
 
-def _follow(engine: subprocess.Popen, daemon: _Daemon, client: Any, timeout_s: float,
+def _follow(engine: subprocess.Popen, daemon: DaemonProcess, client: Any, timeout_s: float,
             say: Callable[[str], None]) -> int:
     """Wait for the ranks, a progress line a second when it changed. Returns: torchrun's exit code."""
     deadline = time.monotonic() + timeout_s
