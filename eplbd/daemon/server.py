@@ -38,6 +38,7 @@ from eplbd.daemon.metrics import MetricsServer
 from eplbd.daemon.observe import DaemonMetrics
 from eplbd.daemon.state import DaemonState
 from eplbd.errors import ConfigError
+from eplbd.policy.incremental import warm as warm_policies
 from eplbd.proto import Decoder, Encoder, bound_endpoint, make_socket
 from eplbd.settings import DaemonSettings
 
@@ -160,11 +161,22 @@ class Daemon(Loops, Dispatch):
                 pass
         self._tasks = [asyncio.create_task(self._ingest_loop(), name="ingest"),
                        asyncio.create_task(self._rpc_loop(), name="rpc"),
-                       asyncio.create_task(self._tick_loop(), name="tick")]
+                       asyncio.create_task(self._tick_loop(), name="tick"),
+                       asyncio.create_task(self._warm_policies(), name="warm-policies")]
         log.info("eplbd %s listening: rpc=%s ingest=%s metrics=%s", self.state.daemon_id, self.rpc_endpoint,
                  self.ingest_endpoint, self.metrics_port if self.metrics_port >= 0 else "off")
         if self._notify:
             sd_notify(f"READY=1\nSTATUS=serving rpc={self.rpc_endpoint} ingest={self.ingest_endpoint}")
+
+    async def _warm_policies(self) -> None:
+        """Compile the policies' inner loops (or load them from numba's cache) on a worker thread, so the
+        first plan does not pay for it; logs whether they run compiled or on numpy, and why."""
+        try:
+            how = await asyncio.get_running_loop().run_in_executor(None, warm_policies)
+        except Exception as exc:  # noqa: BLE001 - a failed warm-up only costs the first plan its compile time
+            log.warning("policy warm-up failed (plans still run): %s: %s", type(exc).__name__, exc)
+        else:
+            log.info("policies: %s", how)
 
     def _start_auth(self) -> None:
         """Load the CURVE keys and start the ZAP handler (before any socket binds: a CURVE

@@ -25,9 +25,9 @@ placement), bit for bit, ties included:
 The one deliberate difference: loads that are negative, NaN, infinite or beyond
 float32's range raise :class:`PolicyError` (vLLM plans on them, meaninglessly).
 
-Vectorised: the greedy loops run once per *item* (a true sequential dependency),
-each step being a few numpy ops over every row (layers, or layers x nodes) at
-once. numpy rather than torch because per-op overhead dominates at these sizes.
+The orders are numpy's own sorts (vectorised over rows); the greedy loops that follow them
+run compiled (:mod:`eplbd.policy.kernels`, one row at a time) or, where no JIT may run
+(:mod:`eplbd.policy.jit`), as numpy loops over items, every row at once: same results.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from eplbd.errors import PolicyError
+from eplbd.policy import jit
 from eplbd.policy.balance import _float_array
 from eplbd.policy.placement import derive_log2phy
 
@@ -64,8 +65,26 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
 
     order = np.argsort(-weight, axis=-1)  # vLLM's call: its tie order is part of the result
     sorted_w = np.take_along_axis(weight, order, axis=1)
-    # Flat views: 1-D take/put are several times cheaper than 2-D fancy indexing,
-    # and this loop body is the whole cost of the policy.
+    if jit.enabled():
+        from eplbd.policy.kernels import pack_sorted
+
+        pack_sorted_t, rank_sorted_t = pack_sorted(np.ascontiguousarray(sorted_w), num_packs, per_pack)
+    else:
+        pack_sorted_t, rank_sorted_t = _pack_sorted(sorted_w, num_packs, per_pack)
+    pack_index = np.empty((num_rows, num_items), dtype=np.int64)
+    rank_in_pack = np.empty((num_rows, num_items), dtype=np.int64)
+    rows = np.arange(num_rows)[:, None]
+    pack_index[rows, order] = pack_sorted_t
+    rank_in_pack[rows, order] = rank_sorted_t
+    return pack_index, rank_in_pack
+
+
+def _pack_sorted(sorted_w: np.ndarray, num_packs: int, per_pack: int) -> tuple[np.ndarray, np.ndarray]:
+    """The greedy loop of :func:`balanced_packing` on items already in order ([X, N]): pack and rank in
+    pack of each, [X, N]. Once per item, over every row at once (numpy reference of
+    :func:`eplbd.policy.kernels.pack_sorted`)."""
+    num_rows, num_items = sorted_w.shape
+    # Flat views: 1-D take/put are several times cheaper than 2-D fancy indexing.
     pack_w = np.zeros(num_rows * num_packs, dtype=np.float64)
     pack_n = np.zeros(num_rows * num_packs, dtype=np.int64)
     row_base = np.arange(num_rows, dtype=np.int64) * num_packs
@@ -84,13 +103,7 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
         new_w = pack_w.take(flat) + sorted_w[:, k]
         new_w[count == per_pack] = np.inf
         pack_w.put(flat, new_w)
-
-    pack_index = np.empty((num_rows, num_items), dtype=np.int64)
-    rank_in_pack = np.empty((num_rows, num_items), dtype=np.int64)
-    rows = np.arange(num_rows)[:, None]
-    pack_index[rows, order] = pack_sorted.T
-    rank_in_pack[rows, order] = rank_sorted.T
-    return pack_index, rank_in_pack
+    return pack_sorted.T, rank_sorted.T
 
 
 def replicate_experts(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -108,6 +121,10 @@ def replicate_experts(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.
         load: [X, N] float64, the final per-replica load ``weight / logcnt``.
         logcnt: [X, N] int64, replicas per expert.
     """
+    if jit.enabled():
+        from eplbd.policy.kernels import replicate
+
+        return replicate(np.ascontiguousarray(weight), num_phy)
     num_rows, num_log = weight.shape
     phy2log = np.empty((num_rows, num_phy), dtype=np.int64)
     phy2log[:, :num_log] = np.arange(num_log, dtype=np.int64)

@@ -74,6 +74,7 @@ import numpy as np
 import torch
 
 from eplbd.errors import PolicyError
+from eplbd.policy import jit
 from eplbd.policy.balance import predicted_balancedness
 from eplbd.policy.default import as_float32, check_args, check_weight, plan_checked, rebalance_experts
 from eplbd.policy.incremental_budget import _pick, _replan_cost
@@ -224,7 +225,47 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
 
 
 def _repair(lay: _Layout, opts: _Options, target: np.ndarray, max_rounds: int) -> None:
-    """Steps 1-3 of the module docstring on ``lay``, each recorded as options in ``opts``."""
+    """Steps 1-3 of the module docstring on every row of ``lay``, each recorded as options in ``opts``:
+    split ``k`` and retarget ``k`` are one option each, swap round ``k`` one option per pair, for every
+    row (a row past its last step repeats its last option). Compiled, row by row
+    (:mod:`eplbd.policy.incremental_search`), or in numpy, all rows in lock step (:class:`_Layout`):
+    the same options either way."""
+    if not jit.enabled():
+        _repair_numpy(lay, opts, target, max_rounds)
+        return
+    from eplbd.policy.incremental_search import repair
+
+    n_split, split, split_bal, n_ret, ret, ret_bal, n_round, rnd_cost, rnd_bal, rnd_sw = repair(
+        lay.w, lay.phy, lay.holds, lay.held, target, lay.mean, opts.cost[-1], lay.G, lay.Gz,
+        MAX_SPLITS, MAX_RETARGETS, max_rounds)
+    cost, bal = opts.cost[-1], opts.bal[-1]
+    for k in range(int(n_split.max(initial=0))):
+        rows = np.flatnonzero(n_split > k)
+        cost, bal = cost.copy(), bal.copy()
+        cost[rows], bal[rows] = split[rows, k, 2], split_bal[rows, k]
+        opts.add(rows, split[rows, k, 0], split[rows, k, 1], cost, bal)
+    for k in range(int(n_ret.max(initial=0))):
+        rows = np.flatnonzero(n_ret > k)
+        cost, bal = cost.copy(), bal.copy()
+        cost[rows] += ret[rows, k, 2]
+        bal[rows] = ret_bal[rows, k]
+        opts.add(rows, ret[rows, k, 0], ret[rows, k, 1], cost, bal)
+    for k in range(int(n_round.max(initial=0))):
+        on = (n_round > k)[None, :]
+        base = len(opts.cost)
+        costs = np.where(on, rnd_cost[:, k].T, cost[None, :])  # [pairs, rows]
+        bals = np.where(on, rnd_bal[:, k].T, bal[None, :])
+        opts.cost.extend(costs)
+        opts.bal.extend(bals)
+        cost, bal = costs[-1], bals[-1]
+        rows, pos = np.nonzero(rnd_sw[:, k, :, 0] >= 0)
+        sw = rnd_sw[rows, k, pos]  # option position, heavy slot, light slot, expert to light, expert to heavy
+        opts.changes.append((np.concatenate([rows, rows]), np.concatenate([sw[:, 1], sw[:, 2]]),
+                             np.concatenate([sw[:, 4], sw[:, 3]]), np.concatenate([base + pos, base + pos])))
+
+
+def _repair_numpy(lay: _Layout, opts: _Options, target: np.ndarray, max_rounds: int) -> None:
+    """:func:`_repair` in numpy: every step over all rows at once, until no row makes one."""
     for _ in range(MAX_SPLITS):
         rows, slots, experts = lay.split(target)
         if rows.size == 0:
@@ -254,6 +295,19 @@ def _holds_every_expert(old: np.ndarray, num_logical: int) -> bool:
 
 def _predicted(w: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
     return predicted_balancedness(w, phy2log, num_gpus).numpy()
+
+
+def warm() -> str:
+    """Compile (or load from numba's cache) every compiled loop of ``default`` and ``incremental``, with the
+    argument types the policies use; returns :func:`eplbd.policy.jit.reason`."""
+    if jit.enabled():
+        rng = np.random.default_rng(0)
+        for groups, nodes in ((4, 2), (1, 1)):
+            w = rng.integers(1, 100, (2, 16))
+            old = rebalance_experts(w, 24, groups, nodes, 8)[0]
+            plan_incremental(w[::-1].copy(), 24, groups, nodes, 8, old)
+            plan_incremental(w[::-1].copy(), 24, groups, nodes, 8, old, move_budget=2)
+    return jit.reason()
 
 
 class IncrementalPolicy(Policy):

@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from eplbd.policy import jit
+
 
 def _greedy_value(val: np.ndarray, rounds: int = 3) -> np.ndarray:
     """A lower bound on the best matching's total value for each [n, n] problem in ``val`` [batch, n, n]
     (values >= 0): a greedy matching, cut after ``rounds`` rounds (rows still unmatched then count 0).
     Each round every unmatched row bids for its best free column and each column takes its highest
     bidder (the lowest row among equal bids)."""
+    if jit.enabled():
+        from eplbd.policy.kernels import greedy_matching
+
+        return greedy_matching(np.ascontiguousarray(val, dtype=np.float64), rounds)
     batch, n, _ = val.shape
     val = val.astype(np.float64)
     total = np.zeros(batch)

@@ -169,7 +169,7 @@ class _Layout:
               & ((self.slot_rank // self.Gz)[None, :] == (h // self.Gz)[:, None])
               & (holds.take(eb * G + self.slot_rank[None, :]) == 1))
         base = np.where(ok, Rs - qb, np.inf)
-        cand = np.argpartition(base, D - 1, axis=1)[:, :D]  # [A, D] donor slots, lightest after the drop
+        cand = np.argsort(base, axis=1, kind="stable")[:, :D]  # [A, D] donor slots, lightest after the drop first
         cbase = np.take_along_axis(base, cand, axis=1)
         crank = self.slot_rank[cand]
         new_r = cbase[:, None, :] + add[:, :, None]  # [A, S, D]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from eplbd.policy import jit
 from eplbd.policy.incremental_layout import _copies, _Layout, _Options
 from eplbd.policy.matching import apply_rank_order, assignment_batch, stable_rank_order_from
 
@@ -34,6 +35,11 @@ def _project(w: np.ndarray, old: np.ndarray, target: np.ndarray, num_gpus: int, 
     Returns:
         [layers, num_physical] int64.
     """
+    if jit.enabled():
+        from eplbd.policy.kernels import project
+
+        return project(np.ascontiguousarray(w, dtype=np.float64), np.ascontiguousarray(old, dtype=np.int64),
+                       np.ascontiguousarray(target, dtype=np.int64), num_gpus, zones)
     layers, num_physical = old.shape
     E = w.shape[1]
     N, Gz, S = num_physical // zones, num_gpus // zones, num_physical // num_gpus

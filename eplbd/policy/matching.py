@@ -5,8 +5,9 @@ order: balance does not depend on which physical rank gets which set. Choosing
 the numbering that keeps the most experts where they already are removes every
 move that only re-labels ranks. This is an assignment problem, solved exactly for
 all layers at once (:func:`assignment_batch`: shortest augmenting paths with
-potentials, vectorised over the batch, started from the rows whose cheapest
-column nobody else wants, so that only the contested rows need a search).
+potentials, started from the rows whose cheapest column nobody else wants, so that only
+the contested rows need a search; compiled one problem at a time, or vectorised over the
+batch in numpy where no JIT may run).
 
 In the hierarchical case whole nodes are relabelled as units and ranks only
 within a node, so each node keeps serving the expert groups the plan gave it.
@@ -15,6 +16,8 @@ within a node, so each node keeps serving the expert groups the plan gave it.
 from __future__ import annotations
 
 import numpy as np
+
+from eplbd.policy import jit
 
 
 def assignment(cost: np.ndarray) -> np.ndarray:
@@ -39,10 +42,14 @@ def assignment_batch(cost: np.ndarray) -> np.ndarray:
     Returns:
         [batch, n] int64: ``col[b, i]`` is the column given to row ``i`` of problem ``b``.
     """
-    cost = np.asarray(cost, dtype=np.float64)
+    cost = np.ascontiguousarray(cost, dtype=np.float64)
     batch, n = cost.shape[0], cost.shape[1]
     if n == 0 or batch == 0:
         return np.zeros((batch, n), dtype=np.int64)
+    if jit.enabled():
+        from eplbd.policy.kernels import assign
+
+        return assign(cost)
     # 1-based rows and columns; row 0 / column 0 are the search's virtual start.
     a = np.zeros((batch, n + 1, n + 1))
     a[:, 1:, 1:] = cost

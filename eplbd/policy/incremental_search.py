@@ -1,0 +1,379 @@
+"""The repair search of the ``incremental`` policy, compiled (numba): split, retarget and swap rounds.
+
+Each row (a layer, or a layer's projection) is searched on its own, in one compiled call for all rows:
+the steps of :mod:`eplbd.policy.incremental` 1-3 run until the row is under its target or a step finds
+nothing. A row's steps form a prefix of the global sequence of options (split ``k``, retarget ``k``,
+round ``k`` pair ``c``), so :func:`repair` records each row's events at their global positions and the
+caller's options come out as if all rows had been searched in lock step.
+
+Sums of loads are taken in numpy's order (:func:`_npsum`, pairwise), so a rank's load here is the same
+float as numpy computes from the same slots. Where several candidates tie on every key, the lowest
+index wins (the first in slot order); the D lightest donor slots of a retarget are taken in
+(load, slot) order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from eplbd.policy.jit import njit
+from eplbd.policy.kernels import npsum
+
+_TIE = 1e-9  # relative: loads closer than this count as equal
+_COST_TIE = 1e-4  # relative to the mean rank load: one moved slot outweighs a load difference below this
+_FAR = 1e300  # search keys at or above this rule a candidate out
+MAX_DONORS = 8  # a retarget looks at the lightest 8 donor slots
+
+
+
+
+@njit
+def _refresh(w, phy, cnt, q, R, S, buf):  # noqa: ANN001, ANN202
+    """Replica counts, per-replica loads and rank loads of one row from its placement ``phy``."""
+    cnt[:] = 0
+    for p in range(phy.shape[0]):
+        cnt[phy[p]] += 1
+    for e in range(w.shape[0]):
+        q[e] = w[e] / max(cnt[e], 1)
+    for g in range(R.shape[0]):
+        for s in range(S):
+            buf[s] = q[phy[g * S + s]]
+        R[g] = npsum(buf, S)
+
+
+@njit
+def _balancedness(mean: float, R: np.ndarray) -> float:
+    peak = R.max()
+    return mean / peak if peak > 0 else 1.0
+
+
+@njit
+def _spent(phy, held, S):  # noqa: ANN001, ANN202
+    """Slots holding an expert their rank did not hold in the old placement."""
+    n = 0
+    for p in range(phy.shape[0]):
+        if held[phy[p], p // S] == 0:
+            n += 1
+    return n
+
+
+@njit
+def _move(phy, holds, slot, expert, S):  # noqa: ANN001, ANN202
+    rk = slot // S
+    holds[phy[slot], rk] -= 1
+    holds[expert, rk] += 1
+    phy[slot] = expert
+
+
+@njit
+def _split(w, phy, holds, cnt, q, R, target, S, Gz, buf):  # noqa: ANN001, ANN202
+    """Step 1 on one row: one more replica for its largest item if that cannot fit on a rank under
+    ``target``. Returns (slot, expert), or (-1, -1) if none is needed or possible."""
+    P = phy.shape[0]
+    top, qy = 0, -np.inf
+    for p in range(P):
+        if q[phy[p]] > qy:
+            top, qy = p, q[phy[p]]
+    # The S - 1 smallest items, ascending (a sorted buffer: S is small), summed in numpy's order.
+    m, n = S - 1, 0
+    for p in range(P):
+        v = q[phy[p]]
+        if n < m:
+            n += 1
+        elif m == 0 or not v < buf[m - 1]:
+            continue
+        k = n - 1
+        while k > 0 and v < buf[k - 1]:
+            buf[k] = buf[k - 1]
+            k -= 1
+        buf[k] = v
+    small = npsum(buf, m)
+    y = phy[top]
+    if not qy + small > target * (1 + _TIE):
+        return -1, -1
+    G = R.shape[0]
+    zones = G // Gz
+    y_zone = np.zeros(zones, dtype=np.bool_)
+    rank_has_y = np.zeros(G, dtype=np.bool_)
+    for p in range(P):
+        if phy[p] == y:
+            y_zone[(p // S) // Gz] = True
+            rank_has_y[p // S] = True
+    qy_new = w[y] / (cnt[y] + 1)
+    best, best_key = -1, np.inf
+    for p in range(P):
+        x = phy[p]
+        cx = cnt[x]
+        if cx < 2 or x == y or rank_has_y[p // S] or not y_zone[(p // S) // Gz]:
+            continue
+        if not w[x] / max(cx - 1, 1) < qy * (1 - _TIE):
+            continue
+        key = R[p // S] - q[x] + qy_new
+        if key < best_key:
+            best, best_key = p, key
+    if best < 0 or not np.isfinite(best_key):
+        return -1, -1
+    _move(phy, holds, best, y, S)
+    _refresh(w, phy, cnt, q, R, S, buf)
+    return best, y
+
+
+@njit
+def _retarget(w, phy, holds, held, cnt, q, R, target, mean, S, Gz, buf):  # noqa: ANN001, ANN202
+    """Step 2 on one row: relieve the heaviest rank with one slot (a spare replica on a lighter rank of
+    its zone becomes one more copy of one of its experts). Returns (slot, expert, change in moved
+    slots), or (-1, -1, 0)."""
+    G, P, E = R.shape[0], phy.shape[0], w.shape[0]
+    cap = target * (1 + _TIE)
+    h = 0
+    for g in range(1, G):
+        if R[g] > R[h]:
+            h = g
+    Rh = R[h]
+    if not Rh > cap:
+        return -1, -1, 0
+    second = -np.inf
+    if G == 1:
+        second = Rh
+    else:
+        for g in range(G):
+            if g != h and R[g] > second:
+                second = R[g]
+        second = min(second, Rh)
+    goal = max(target, second) * (1 + _TIE)
+    # Donor slots: an expert with a spare replica, once on its rank, in the heavy rank's zone.
+    top = np.full(E, -np.inf)
+    for p in range(P):
+        if cnt[phy[p]] >= 2 and R[p // S] > top[phy[p]]:
+            top[phy[p]] = R[p // S]
+    D = min(MAX_DONORS, P)
+    cand = np.full(D, -1)
+    cbase = np.full(D, np.inf)
+    cother = np.zeros(D)
+    zone_h = h // Gz
+    for p in range(P):
+        b, rk = phy[p], p // S
+        cb = cnt[b]
+        if cb < 2 or rk == h or rk // Gz != zone_h or holds[b, rk] != 1:
+            continue
+        other = top[b] + (w[b] / max(cb - 1, 1) - q[b])  # conservative: the max over every holder
+        if not other <= cap:
+            continue
+        base = R[rk] - q[b]
+        if not base < cbase[D - 1]:
+            continue
+        k = D - 1  # insert, keeping (base, slot) order
+        while k > 0 and base < cbase[k - 1]:
+            cbase[k], cand[k], cother[k] = cbase[k - 1], cand[k - 1], cother[k - 1]
+            k -= 1
+        cbase[k], cand[k], cother[k] = base, p, other
+    cost_w = _COST_TIE * mean
+    best_key, best_s, best_d = np.inf, -1, -1
+    for s in range(S):
+        x = phy[h * S + s]
+        cx, wx = cnt[x], w[x]
+        add = wx / (cx + 1)
+        rh_new = Rh - holds[x, h] * (wx / cx - add)
+        if not rh_new <= goal:
+            continue
+        for d in range(D):
+            if cand[d] < 0:
+                break
+            rk = cand[d] // S
+            if holds[x, rk] != 0:
+                continue
+            new_r = cbase[d] + add
+            if not new_r <= cap:
+                continue
+            peak = max(max(rh_new, new_r), cother[d])
+            dcost = np.int64(held[phy[cand[d]], rk]) - np.int64(held[x, rk])
+            key = max(peak, target) + cost_w * dcost + _TIE * peak
+            if key < best_key:
+                best_key, best_s, best_d = key, s, d
+    if best_s < 0:
+        return -1, -1, 0
+    slot, x = cand[best_d], phy[h * S + best_s]
+    dc = np.int64(held[phy[slot], slot // S]) - np.int64(held[x, slot // S])
+    _move(phy, holds, slot, x, S)
+    _refresh(w, phy, cnt, q, R, S, buf)
+    return slot, x, dc
+
+
+@njit
+def _best_swap(phy, holds, held, q, R, h, l, target, mean, S):  # noqa: ANN001, ANN202
+    """The exchange of one slot each between ranks ``h`` (heavy) and ``l`` that brings the pair's larger
+    load under ``target`` (else lowest), fewest moved slots next, lowest peak last.
+
+    Returns (ok, heavy slot, light slot, load moved heavy -> light, change in moved slots)."""
+    Rh, Rl = R[h], R[l]
+    m = mean if mean > 0 else 1.0
+    cost_w = _COST_TIE * m
+    eps = _TIE * Rh
+    half, floor = 0.5 * (Rh - Rl), target - 0.5 * (Rh + Rl)
+    qb = np.empty(S)
+    tb = np.empty(S)
+    for j in range(S):
+        b = phy[l * S + j]
+        qb[j] = q[b]
+        tb[j] = cost_w * (np.float64(held[b, l]) - np.float64(held[b, h]))
+        if holds[b, h] > 0:
+            tb[j] += _FAR
+    best, bi, bj = np.inf, 0, 0
+    for i in range(S):
+        a = phy[h * S + i]
+        ta = cost_w * (np.float64(held[a, h]) - np.float64(held[a, l]))
+        if holds[a, l] > 0:
+            ta += _FAR
+        qa = q[a]
+        for j in range(S):
+            d = qa - qb[j]
+            dev = abs(d - half)
+            key = max(dev, floor)
+            key += ta
+            key += tb[j]
+            key += dev * _TIE
+            if d <= eps or d >= (Rh - Rl) - eps:
+                key += _FAR
+            if key < best:
+                best, bi, bj = key, i, j
+    a, b = phy[h * S + bi], phy[l * S + bj]
+    dcost = (np.float64(held[a, h]) - np.float64(held[a, l])) + (np.float64(held[b, l]) - np.float64(held[b, h]))
+    return best < _FAR, h * S + bi, l * S + bj, q[a] - q[b], np.int64(np.rint(dcost))
+
+
+@njit
+def _swap_round(phy, holds, held, q, R, target, mean, S, Gz, o_cost, o_bal, sw, cost0):  # noqa: ANN001, ANN202
+    """Step 3, one round on one row: pair the i-th heaviest rank with the i-th lightest in each zone, one
+    swap in every pair whose heavy rank is above ``target``. Writes the round's options (pairs by heavy
+    load; ``o_cost``/``o_bal`` [pairs]) and swaps (``sw`` [pairs, 5]: option position or -1, heavy slot,
+    light slot, expert to light, expert to heavy). Returns whether a swap was made."""
+    G = R.shape[0]
+    zones, half = G // Gz, Gz // 2
+    npairs = zones * half
+    heavy = np.empty(npairs, dtype=np.int64)
+    light = np.empty(npairs, dtype=np.int64)
+    for z in range(zones):
+        order = np.argsort(-R[z * Gz:(z + 1) * Gz], kind="mergesort") + z * Gz
+        for i in range(half):
+            heavy[z * half + i] = order[i]
+            light[z * half + i] = order[Gz - 1 - i]
+    Rh, Rl = R[heavy], R[light]
+    go = np.zeros(npairs, dtype=np.bool_)
+    moved = np.zeros(npairs)
+    dcost = np.zeros(npairs, dtype=np.int64)
+    slot_h = np.empty(npairs, dtype=np.int64)
+    slot_l = np.empty(npairs, dtype=np.int64)
+    cap = target * (1 + _TIE)
+    for c in range(npairs):
+        if Rh[c] > cap:
+            ok, sh, sl, mv, dc = _best_swap(phy, holds, held, q, R, heavy[c], light[c], target, mean, S)
+            go[c], moved[c], slot_h[c], slot_l[c] = ok, mv, sh, sl
+            if ok:
+                dcost[c] = dc
+    by = np.argsort(-Rh, kind="mergesort") if zones > 1 else np.arange(npairs)
+    # Options: pairs by heavy load; peak after the first k = max(new loads of those k, old loads of the rest).
+    rest_unpaired = -np.inf
+    if 2 * npairs < G:  # odd zones leave one rank per zone unpaired
+        paired = np.zeros(G, dtype=np.bool_)
+        paired[heavy] = True
+        paired[light] = True
+        for g in range(G):
+            if not paired[g] and R[g] > rest_unpaired:
+                rest_unpaired = R[g]
+    rest = np.empty(npairs)
+    acc = -np.inf
+    for k in range(npairs - 1, -1, -1):
+        rest[k] = max(acc, rest_unpaired)
+        c = by[k]
+        acc = max(acc, max(Rh[c], Rl[c]))
+    run, cost = -np.inf, cost0
+    for k in range(npairs):
+        c = by[k]
+        new_pair = max(Rh[c] - moved[c], Rl[c] + moved[c]) if go[c] else max(Rh[c], Rl[c])
+        run = max(run, new_pair)
+        peak = max(run, rest[k])
+        cost += dcost[c]
+        o_cost[k] = cost
+        o_bal[k] = mean / peak if peak > 0 else 1.0
+        sw[k, 0] = -1
+    any_go = False
+    for k in range(npairs):
+        c = by[k]
+        if not go[c]:
+            continue
+        any_go = True
+        h, l, sh, sl = heavy[c], light[c], slot_h[c], slot_l[c]
+        xa, xb = phy[sh], phy[sl]
+        phy[sh], phy[sl] = xb, xa
+        R[h] -= moved[c]
+        R[l] += moved[c]
+        holds[xa, h] -= 1
+        holds[xa, l] += 1
+        holds[xb, l] -= 1
+        holds[xb, h] += 1
+        sw[k, 0], sw[k, 1], sw[k, 2], sw[k, 3], sw[k, 4] = k, sh, sl, xa, xb
+    return any_go
+
+
+@njit
+def repair(w, phy, holds, held, target, mean, cost0, G, Gz, max_splits, max_retargets, max_rounds):  # noqa: ANN001, ANN201
+    """Steps 1-3 on every row (``phy``/``holds`` are changed in place).
+
+    Args:
+        w: [rows, E] loads; phy: [rows, P] placement; holds: [rows, E, G] copies now; held: [rows, E, G]
+            copies in the old placement (moves count from it); target, mean: [rows] peak to reach and mean
+            rank load; cost0: [rows] moved slots of the row's last option.
+
+    Returns:
+        (n_split [rows], split [rows, max_splits, 3] slot/expert/cost, split_bal [rows, max_splits],
+        n_ret, ret [rows, max_retargets, 3] slot/expert/dcost, ret_bal [rows, max_retargets],
+        n_round, rnd_cost / rnd_bal [rows, max_rounds, pairs], rnd_sw [rows, max_rounds, pairs, 5]).
+    """
+    rows, E = w.shape
+    P = phy.shape[1]
+    S = P // G
+    npairs = (G // Gz) * (Gz // 2)
+    n_split = np.zeros(rows, dtype=np.int64)
+    split = np.full((rows, max_splits, 3), -1, dtype=np.int64)
+    split_bal = np.zeros((rows, max_splits))
+    n_ret = np.zeros(rows, dtype=np.int64)
+    ret = np.full((rows, max_retargets, 3), -1, dtype=np.int64)
+    ret_bal = np.zeros((rows, max_retargets))
+    n_round = np.zeros(rows, dtype=np.int64)
+    rnd_cost = np.zeros((rows, max_rounds, npairs), dtype=np.int64)
+    rnd_bal = np.zeros((rows, max_rounds, npairs))
+    rnd_sw = np.full((rows, max_rounds, npairs, 5), -1, dtype=np.int64)
+    cnt = np.zeros(E, dtype=np.int64)
+    q = np.zeros(E)
+    R = np.zeros(G)
+    buf = np.zeros(max(S, 1))
+    for r in range(rows):
+        wr, pr, hr, hd, t, mean_r = w[r], phy[r], holds[r], held[r], target[r], mean[r]
+        _refresh(wr, pr, cnt, q, R, S, buf)
+        cost = cost0[r]
+        for k in range(max_splits):
+            slot, y = _split(wr, pr, hr, cnt, q, R, t, S, Gz, buf)
+            if slot < 0:
+                break
+            cost = _spent(pr, hd, S)
+            split[r, k, 0], split[r, k, 1], split[r, k, 2] = slot, y, cost
+            split_bal[r, k] = _balancedness(mean_r, R)
+            n_split[r] = k + 1
+        for k in range(max_retargets):
+            slot, x, dc = _retarget(wr, pr, hr, hd, cnt, q, R, t, mean_r, S, Gz, buf)
+            if slot < 0:
+                break
+            cost += dc
+            ret[r, k, 0], ret[r, k, 1], ret[r, k, 2] = slot, x, dc
+            ret_bal[r, k] = _balancedness(mean_r, R)
+            n_ret[r] = k + 1
+        if Gz < 2:
+            continue
+        for k in range(max_rounds):
+            if not R.max() > t * (1 + _TIE):
+                break
+            n_round[r] = k + 1
+            made = _swap_round(pr, hr, hd, q, R, t, mean_r, S, Gz, rnd_cost[r, k], rnd_bal[r, k], rnd_sw[r, k], cost)
+            cost = rnd_cost[r, k, npairs - 1] if npairs else cost
+            if not made:
+                break
+    return n_split, split, split_bal, n_ret, ret, ret_bal, n_round, rnd_cost, rnd_bal, rnd_sw

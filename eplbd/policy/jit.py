@@ -1,0 +1,54 @@
+"""Whether the policies run their compiled inner loops (numba) or the numpy references.
+
+The compiled loops (:mod:`eplbd.policy.kernels`, :mod:`eplbd.policy.incremental_search`) give the same
+plans bit for bit as the numpy code they replace, several times faster. They need a JIT: where the
+process may not map writable memory executable (systemd's ``MemoryDenyWriteExecute=yes``, which
+``deploy/`` sets, or SELinux's ``deny_execmem``), importing numba fails and every policy runs on numpy,
+with the same results. ``EPLBD_NO_JIT=1`` chooses numpy on purpose.
+
+Compiled code is cached on disk next to the modules (numba's ``cache=True``), so only the first process
+after an install compiles (about 10 s on a small machine); :func:`eplbd.policy.incremental.warm` does it ahead
+of time (``make setup`` runs it; the daemon runs it on a worker thread at start).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def enabled() -> bool:
+    """True when the compiled loops can run here (decided once per process)."""
+    if "on" not in _state:
+        with _lock:
+            if "on" not in _state:
+                _state["on"], _state["why"] = _probe()
+    return bool(_state["on"])
+
+
+def reason() -> str:
+    """Why the policies run on numpy, or which numba compiles them."""
+    enabled()
+    return str(_state["why"])
+
+
+def _probe() -> tuple[bool, str]:
+    if os.environ.get("EPLBD_NO_JIT", "") not in ("", "0"):
+        return False, "numpy (EPLBD_NO_JIT is set)"
+    try:
+        import numba
+    except Exception as exc:  # noqa: BLE001 - PermissionError under MemoryDenyWriteExecute, ImportError, ...
+        return False, f"numpy (numba unavailable: {type(exc).__name__}: {exc})"
+    return True, f"compiled (numba {numba.__version__})"
+
+
+def njit(fn: Callable) -> Callable:
+    """numba's ``njit`` with the options every kernel uses: cached on disk, releasing the GIL (the daemon
+    runs policies on a worker thread while its event loop goes on)."""
+    import numba
+
+    return numba.njit(cache=True, nogil=True)(fn)

@@ -1,0 +1,254 @@
+"""The policies' inner loops, compiled (numba): each is the loop of a numpy reference in the module named
+in its docstring, and gives the same result bit for bit (``tests/test_policy_compiled.py``).
+
+Only imported when :func:`eplbd.policy.jit.enabled`; the numpy references run otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from eplbd.policy.jit import njit
+
+
+@njit
+def npsum(a: np.ndarray, n: int) -> float:
+    """``a[:n].sum()`` in numpy's order (pairwise: 8 running sums for n >= 8), so results are equal bit for bit."""
+    if n < 8:
+        s = 0.0
+        for i in range(n):
+            s += a[i]
+        return s
+    r0, r1, r2, r3, r4, r5, r6, r7 = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
+    i = 8
+    stop = n - n % 8
+    while i < stop:
+        r0 += a[i]
+        r1 += a[i + 1]
+        r2 += a[i + 2]
+        r3 += a[i + 3]
+        r4 += a[i + 4]
+        r5 += a[i + 5]
+        r6 += a[i + 6]
+        r7 += a[i + 7]
+        i += 8
+    s = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        s += a[i]
+        i += 1
+    return s
+
+
+@njit
+def pack_sorted(sorted_w, num_packs, per_pack):  # noqa: ANN001, ANN202
+    """The greedy loop of :func:`balanced_packing` on items already in order: pack and rank of each."""
+    num_rows, num_items = sorted_w.shape
+    pack_sorted = np.empty((num_rows, num_items), dtype=np.int64)
+    rank_sorted = np.empty((num_rows, num_items), dtype=np.int64)
+    pack_w = np.empty(num_packs)
+    pack_n = np.empty(num_packs, dtype=np.int64)
+    for r in range(num_rows):
+        pack_w[:] = 0.0
+        pack_n[:] = 0
+        for k in range(num_items):
+            pack = np.argmin(pack_w)  # the first lightest; a full pack holds +inf
+            pack_sorted[r, k] = pack
+            rank_sorted[r, k] = pack_n[pack]
+            pack_n[pack] += 1
+            pack_w[pack] = np.inf if pack_n[pack] == per_pack else pack_w[pack] + np.float64(sorted_w[r, k])
+    return pack_sorted, rank_sorted
+
+
+@njit
+def replicate(weight, num_phy):  # noqa: ANN001, ANN202
+    num_rows, num_log = weight.shape
+    phy2log = np.empty((num_rows, num_phy), dtype=np.int64)
+    logcnt = np.ones((num_rows, num_log), dtype=np.int64)
+    load = np.empty((num_rows, num_log))
+    for r in range(num_rows):
+        for e in range(num_log):
+            phy2log[r, e] = e
+            load[r, e] = np.float64(weight[r, e])
+        for i in range(num_log, num_phy):
+            expert = np.argmax(load[r])  # the first heaviest per-replica load
+            phy2log[r, i] = expert
+            logcnt[r, expert] += 1
+            load[r, expert] = np.float64(weight[r, expert]) / logcnt[r, expert]
+    return phy2log, load, logcnt
+
+
+@njit
+def assign(cost):  # noqa: ANN001, ANN202
+    """Each problem of ``cost`` [batch, n, n] in turn: a warm start, then the rows it left unmatched (last
+    row first), one shortest augmenting path each (Dijkstra on reduced costs, with potentials)."""
+    batch, n, _ = cost.shape
+    n1 = n + 1
+    col = np.empty((batch, n), dtype=np.int64)
+    u = np.empty(n1)
+    v = np.empty(n1)
+    match = np.empty(n1, dtype=np.int64)  # match[j]: 1-based row given column j (0: free); column 0 is the start
+    minv = np.empty(n1)
+    used = np.empty(n1, dtype=np.bool_)
+    way = np.zeros(n1, dtype=np.int64)
+    taken = np.empty(n, dtype=np.bool_)
+    left = np.empty(n, dtype=np.int64)
+    won = np.empty(n, dtype=np.bool_)
+    for b in range(batch):
+        c = cost[b]
+        u[:] = 0.0
+        v[:] = 0.0
+        match[:] = 0
+        taken[:] = False
+        # Warm start: row potentials = row minima; each row in turn takes its first free column of zero
+        # reduced cost.
+        n_left = 0
+        for i in range(n):
+            u[i + 1] = c[i].min()
+        won[:] = False
+        for i in range(n):
+            for j in range(n):
+                if not taken[j] and c[i, j] == u[i + 1]:
+                    match[j + 1] = i + 1
+                    taken[j] = True
+                    won[i] = True
+                    break
+        for i in range(n - 1, -1, -1):  # the rows left, last first
+            if not won[i]:
+                left[n_left] = i + 1
+                n_left += 1
+        for k in range(n_left):
+            match[0] = left[k]
+            minv[:] = np.inf
+            used[:] = False
+            j0 = 0
+            while True:
+                used[j0] = True
+                i0 = match[j0]
+                for j in range(n1):
+                    if not used[j]:
+                        cur = (c[i0 - 1, j - 1] if j > 0 else 0.0) - u[i0] - v[j]
+                        if cur < minv[j]:
+                            minv[j], way[j] = cur, j0
+                j1, delta = 0, np.inf
+                for j in range(n1):
+                    if not used[j] and minv[j] < delta:
+                        j1, delta = j, minv[j]
+                # Among the nearest columns prefer an unmatched one: it ends the path now (ties are common).
+                for j in range(n1):
+                    if not used[j] and minv[j] == delta and match[j] == 0:
+                        j1 = j
+                        break
+                for j in range(n1):
+                    if used[j]:
+                        u[match[j]] += delta
+                        v[j] -= delta
+                    else:
+                        minv[j] -= delta
+                j0 = j1
+                if match[j0] == 0:
+                    break
+            while j0 != 0:  # walk the path back, shifting rows one column along it
+                prev = way[j0]
+                match[j0] = match[prev]
+                j0 = prev
+        for j in range(1, n1):
+            col[b, match[j] - 1] = j - 1
+    return col
+
+
+@njit
+def greedy_matching(val, rounds):  # noqa: ANN001, ANN202
+    batch, n, _ = val.shape
+    total = np.zeros(batch)
+    row_free = np.empty(n, dtype=np.bool_)
+    col_free = np.empty(n, dtype=np.bool_)
+    want = np.empty(n, dtype=np.int64)
+    bid = np.empty(n)
+    best = np.empty(n)
+    winner = np.empty(n, dtype=np.int64)
+    for b in range(batch):
+        row_free[:] = True
+        col_free[:] = True
+        for _ in range(rounds):
+            best[:] = -np.inf
+            winner[:] = -1
+            for r in range(n):
+                if not row_free[r]:
+                    continue
+                c_best, v_best = -1, -np.inf
+                for c in range(n):
+                    if col_free[c] and val[b, r, c] > v_best:
+                        c_best, v_best = c, val[b, r, c]
+                if c_best < 0:
+                    continue
+                want[r], bid[r] = c_best, v_best
+                if v_best > best[c_best]:  # rows in order: the lowest row keeps an equal bid
+                    best[c_best], winner[c_best] = v_best, r
+            any_win = False
+            for c in range(n):
+                if winner[c] >= 0:
+                    total[b] += best[c]
+                    row_free[winner[c]] = False
+                    col_free[c] = False
+                    any_win = True
+            if not any_win:
+                break
+    return total
+
+
+@njit
+def project(w, old, target, num_gpus, zones):  # noqa: ANN001, ANN202
+    layers, P = old.shape
+    E = w.shape[1]
+    N, Gz = P // zones, num_gpus // zones
+    S = P // num_gpus
+    out = old.copy()
+    cnt = np.zeros(E, dtype=np.int64)
+    q = np.empty(E)
+    want = np.zeros(E, dtype=np.int64)
+    kept = np.zeros(N, dtype=np.bool_)
+    loads = np.empty(Gz)
+    vals = np.empty(S)
+    free_in = np.empty(Gz, dtype=np.int64)
+    for layer in range(layers):
+        cnt[:] = 0
+        for p in range(P):
+            cnt[target[layer, p]] += 1
+        for e in range(E):
+            q[e] = w[layer, e] / max(cnt[e], 1)
+        for z in range(zones):
+            lo = z * N
+            want[:] = 0
+            for p in range(lo, lo + N):
+                want[target[layer, p]] += 1
+            for p in range(N):  # keep the first copies an expert still wanted here, in slot order
+                e = old[layer, lo + p]
+                kept[p] = want[e] > 0
+                if kept[p]:
+                    want[e] -= 1
+            # want now holds the missing copies: heaviest first, lowest id among equals
+            missing = np.flatnonzero(want)
+            order = np.argsort(-q[missing], kind="mergesort")
+            for g in range(Gz):
+                n_free = 0
+                for s in range(S):
+                    p = g * S + s
+                    vals[s] = q[old[layer, lo + p]] if kept[p] else 0.0
+                    if not kept[p]:
+                        n_free += 1
+                free_in[g] = n_free
+                loads[g] = npsum(vals, S) if n_free else np.inf
+            for i in order:
+                e = missing[i]
+                for _ in range(want[e]):
+                    g = np.argmin(loads)
+                    for s in range(S):
+                        if not kept[g * S + s]:
+                            kept[g * S + s] = True
+                            out[layer, lo + g * S + s] = e
+                            break
+                    loads[g] += q[e]
+                    free_in[g] -= 1
+                    if free_in[g] == 0:
+                        loads[g] = np.inf
+    return out

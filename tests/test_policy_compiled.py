@@ -1,0 +1,130 @@
+"""The policies' compiled loops (numba) against their numpy references: the same plans, bit for bit.
+
+Where no JIT may run (``MemoryDenyWriteExecute``) the daemon plans with the numpy references, so both
+paths are the product; ``tests/test_deploy.py`` runs a daemon under that restriction.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from eplbd.policy import jit, plan_incremental, rebalance_experts
+from eplbd.policy.incremental import warm
+from eplbd.policy.matching import assignment_batch
+
+
+@pytest.fixture
+def numpy_only(monkeypatch):  # noqa: ANN001, ANN201
+    """Run the block with the numpy references (as under MemoryDenyWriteExecute)."""
+    def use(fn):  # noqa: ANN001, ANN202
+        assert jit.enabled(), f"the compiled loops do not run here: {jit.reason()}"
+        with monkeypatch.context() as m:
+            m.setattr(jit, "_state", {"on": False, "why": "numpy (test)"})
+            return fn()
+    return use
+
+
+def _shapes(rng: np.random.Generator, count: int):  # noqa: ANN202
+    """Random (weight_before, weight_after, num_replicas, num_groups, num_nodes, num_gpus): integer loads over
+    small ranges so that many are equal (ties on purpose), hierarchical and global, odd zones included."""
+    out = []
+    while len(out) < count:
+        gpus = int(rng.choice([2, 3, 4, 6, 8, 16]))
+        nodes = int(rng.choice([n for n in (1, 2, 3, 4) if gpus % n == 0]))
+        per_gpu = int(rng.integers(1, 6))
+        phys = gpus * per_gpu
+        experts = int(rng.integers(max(1, phys // 2), phys + 1))
+        groups = int(rng.choice([d for d in range(1, experts + 1) if experts % d == 0]))
+        layers = int(rng.integers(1, 5))
+        hi = int(rng.choice([2, 4, 50, 10_000]))
+        out.append((rng.integers(0, hi, (layers, experts)), rng.integers(0, hi, (layers, experts)),
+                    phys, groups, nodes, gpus))
+    return out
+
+
+def _both(fn, numpy_only):  # noqa: ANN001, ANN202
+    return fn(), numpy_only(fn)
+
+
+def test_compiled_loops_run_here_and_warm_up():
+    assert jit.enabled(), jit.reason()
+    assert warm().startswith("compiled (numba ")
+
+
+def test_default_is_the_same_plan_compiled_and_in_numpy(numpy_only):
+    rng = np.random.default_rng(11)
+    for w, _, phys, groups, nodes, gpus in _shapes(rng, 400):
+        for weight in (w, w.astype(np.float32) / 7):
+            got, ref = _both(lambda: rebalance_experts(weight, phys, groups, nodes, gpus), numpy_only)
+            for a, b in zip(got, ref):
+                assert torch.equal(a, b), (phys, groups, nodes, gpus, weight)
+
+
+def test_incremental_is_the_same_plan_compiled_and_in_numpy(numpy_only):
+    """Every option the search records, and so the plan, choice and moves, for the placement in force being
+    the last plan or the engine's linear layout, with and without a move budget."""
+    rng = np.random.default_rng(12)
+    checked = 0
+    for w0, w1, phys, groups, nodes, gpus in _shapes(rng, 250):
+        old_plan = rebalance_experts(w0, phys, groups, nodes, gpus)[0]
+        linear = torch.from_numpy(np.tile(np.arange(phys) % w0.shape[1], (w0.shape[0], 1)))
+        for old in (old_plan, linear):
+            for budget in (None, 0, 1, 3, 1000):
+                got, ref = _both(lambda: plan_incremental(w1, phys, groups, nodes, gpus, old, budget), numpy_only)
+                assert torch.equal(got.phy2log, ref.phy2log), (phys, groups, nodes, gpus, budget)
+                assert got.choice == ref.choice and np.array_equal(got.moved, ref.moved)
+                assert np.array_equal(got.after, ref.after) and np.array_equal(got.replan, ref.replan)
+                checked += 1
+    assert checked == 2500
+
+
+def test_incremental_is_the_same_plan_on_real_drift_at_deepseek_scale(numpy_only):
+    """GPT-OSS-20B per-domain frequencies tiled to 58 x 256 -> 288 slots (the drift benchmark's shapes)."""
+    from pathlib import Path
+
+    freq = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gpt_oss_20b" / \
+        "gptoss20b_domain_expert_frequency.npz"
+    f = np.load(freq)
+    load = np.nan_to_num(f["think_count_frequency"]) + np.nan_to_num(f["answer_count_frequency"])
+    rng = np.random.default_rng(13)
+    a, b = load[rng.choice(len(load), 2, replace=False)]
+    tile = lambda x: np.stack([x[rng.integers(len(x), size=8)].reshape(-1)[rng.permutation(256)]  # noqa: E731
+                               for _ in range(58)])
+    state = rng.bit_generator.state
+    wa = np.rint(1e6 * tile(a)).astype(np.int64)
+    rng.bit_generator.state = state
+    wb = np.rint(1e6 * tile(b)).astype(np.int64)
+    for groups, nodes, gpus, phys in ((8, 4, 32, 288), (1, 4, 32, 288), (8, 8, 64, 320)):
+        old = rebalance_experts(wa, phys, groups, nodes, gpus)[0]
+        got, ref = _both(lambda: plan_incremental(wb, phys, groups, nodes, gpus, old), numpy_only)
+        assert torch.equal(got.phy2log, ref.phy2log) and got.choice == ref.choice
+        assert got.moved.sum() > 0
+
+
+def test_assignment_is_the_same_and_optimal_compiled_and_in_numpy(numpy_only):
+    from itertools import permutations
+
+    rng = np.random.default_rng(14)
+    for n in (1, 2, 3, 4, 5, 6):
+        cost = rng.integers(0, 4, (40, n, n)).astype(np.float64)  # many ties
+        got, ref = _both(lambda: assignment_batch(cost), numpy_only)
+        assert np.array_equal(got, ref)
+        best = np.array([min(sum(c[i, p[i]] for i in range(n)) for p in permutations(range(n))) for c in cost])
+        assert np.array_equal(cost[np.arange(40)[:, None], np.arange(n)[None, :], got].sum(axis=1), best)
+
+
+@pytest.mark.parametrize("value", ["1", "yes"])
+def test_no_jit_env_chooses_numpy_and_says_why(value):
+    code = ("from eplbd.policy import jit, rebalance_experts; import numpy as np; "
+            "rebalance_experts(np.ones((1, 8)), 8, 1, 1, 2); print(jit.enabled(), jit.reason()); "
+            "import sys; print('numba' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "EPLBD_NO_JIT": value},
+                         capture_output=True, text=True, timeout=120, check=True).stdout.split("\n")
+    assert out[0] == "False numpy (EPLBD_NO_JIT is set)"
+    assert out[1] == "False"  # numba is not even imported
