@@ -2,8 +2,9 @@
 
 A full re-plan (``default``) reaches its balance by recomputing every slot; after a
 small drift in load most slots then need an expert from another rank. This policy
-starts from the placement in force and repairs it, all layers at once (every step
-is a few numpy operations over ``[layers, ...]`` arrays):
+starts from the placement in force and repairs it, every layer on its own (the search is
+compiled, :mod:`eplbd.policy.incremental_search`; its numpy reference, all layers in lock
+step, runs where no JIT may: :mod:`eplbd.policy.jit`):
 
 0. *regroup* (hierarchical case only): a layer whose placement splits an expert group over
    nodes (the engine's initial layout does) first takes, node by node, the replicas the full
@@ -79,7 +80,7 @@ from eplbd.policy.balance import predicted_balancedness
 from eplbd.policy.default import as_float32, check_args, check_weight, plan_checked, rebalance_experts
 from eplbd.policy.incremental_budget import _pick, _replan_cost
 from eplbd.policy.incremental_layout import _TIE, _copies, _Layout, _moved, _Options
-from eplbd.policy.incremental_project import _node_relabelled, _project, _regroup, _Relabelled
+from eplbd.policy.incremental_project import _node_relabelled, _project, _regroup, _Relabelled, _split_groups
 from eplbd.policy.matching import rank_overlap
 from eplbd.policy.placement import _int_array, preserve_local_slots
 from eplbd.policy.registry import Policy, register_policy
@@ -166,10 +167,20 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
     hierarchical = num_groups % num_nodes == 0 and num_nodes > 1
     zones = num_nodes if hierarchical else 1
     both = np.arange(2 * num_layers) % num_layers  # see below: two rows per layer
-    holds = _copies(old, num_gpus, num_logical)
-    lay = _Layout(w[both], old[both], num_gpus, zones, np.concatenate([holds, holds]))
-    before = lay.balancedness()[:num_layers]
-    held = lay.held[:num_layers]
+    compiled = jit.enabled()
+    if compiled:
+        from eplbd.policy.incremental_search import rank_loads, search
+
+        R_old = rank_loads(w, old, num_gpus)
+        mean = R_old.mean(axis=1)
+        peak = R_old.max(axis=1)
+        before = np.where(peak > 0, mean / np.where(peak > 0, peak, 1.0), 1.0)
+        held = None
+    else:
+        holds = _copies(old, num_gpus, num_logical)
+        lay = _Layout(w[both], old[both], num_gpus, zones, np.concatenate([holds, holds]))
+        before, mean = lay.balancedness()[:num_layers], lay.mean[:num_layers]
+        held = lay.held[:num_layers]
     if move_budget == 0 or num_layers == 0:
         return IncrementalPlan(torch.from_numpy(old.copy()), ["kept"] * num_layers,
                                np.zeros(num_layers, dtype=np.int64), before, before.copy(), before.copy())
@@ -179,19 +190,35 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
     overlap = rank_overlap(replan, old, num_gpus, num_logical, held=held)
     relabelled = _Relabelled(replan, overlap, num_gpus, num_nodes, hierarchical)
 
-    target = lay.mean[:num_layers] / np.maximum(replan_bal, 1e-300)  # the re-plan's peak rank load
-    # Both paths in one layout (one search loop): rows [0, L) start from the placement in force, rows
-    # [L, 2L) from its projection onto the re-plan's replica counts per node (its nodes relabelled to keep
-    # the most; one zone when global), every slot keeping its expert while its node still wants a copy.
+    target = mean / np.maximum(replan_bal, 1e-300)  # the re-plan's peak rank load
+    # Both paths in one search (one loop): rows [0, L) start from the placement in force, rows [L, 2L)
+    # from its projection onto the re-plan's replica counts per node (its nodes relabelled to keep the
+    # most; one zone when global), every slot keeping its expert while its node still wants a copy.
     proj = _project(w, old, _node_relabelled(replan, old, num_logical, num_nodes) if hierarchical else replan,
                     num_gpus, zones)
-    lay.set_phy(np.concatenate([old, proj]), np.arange(num_layers, 2 * num_layers))
-    rows, slots = np.nonzero(lay.phy != lay.old)
-    opts = _Options([lay.spent()], [lay.balancedness()], [(rows, slots, lay.phy[rows, slots], np.zeros_like(rows))])
-    if hierarchical:
-        _regroup(lay, opts, relabelled, num_groups, num_nodes, num_layers)
-    _repair(lay, opts, np.concatenate([target, target]), max_rounds)
-    c2, b2 = np.stack(opts.cost), np.stack(opts.bal)
+    start = np.concatenate([old, proj])
+    rows, slots = np.nonzero(start != old[both])
+    changes = [(rows, slots, start[rows, slots], np.zeros_like(rows))]
+    if compiled:
+        pre, regroup = start, False
+        if hierarchical:
+            bad = np.flatnonzero(_split_groups(old, num_logical, num_groups, num_nodes))
+            if bad.size:
+                pre, regroup = start.copy(), True
+                pre[bad] = _project(w[bad], old[bad], relabelled(bad), num_gpus, num_nodes)
+                rows, slots = np.nonzero(pre[bad] != old[bad])
+                rows = bad[rows]
+                changes.append((rows, slots, pre[rows, slots], np.ones_like(rows)))
+        c2, b2, made = search(w, old, start, pre, regroup, np.concatenate([target, target]), mean[both], num_gpus,
+                              num_gpus // zones, MAX_SPLITS, MAX_RETARGETS, max_rounds)
+        changes.append(tuple(made.T))
+    else:
+        lay.set_phy(start, np.arange(num_layers, 2 * num_layers))
+        opts = _Options([lay.spent()], [lay.balancedness()], changes)
+        if hierarchical:
+            _regroup(lay, opts, relabelled, num_groups, num_nodes, num_layers)
+        _repair_numpy(lay, opts, np.concatenate([target, target]), max_rounds)
+        c2, b2 = np.stack(opts.cost), np.stack(opts.bal)
     n1 = c2.shape[0]  # options [0, n1) start from the placement in force, [n1, 2 n1) from the projection
     cost = np.concatenate([c2[:, :num_layers], c2[:, num_layers:]])
     bal = np.concatenate([b2[:, :num_layers], b2[:, num_layers:]])
@@ -211,61 +238,27 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
     row_pick = np.concatenate([pick, pick - n1])
     row_pick[:num_layers][pick >= n1] = -1
     row_pick[num_layers:][(pick < n1) | (pick == n_opts)] = -1
-    for rows, slots, experts, option in opts.changes:
+    for rows, slots, experts, option in changes:  # in the order made; a slot may change more than once
         take = option <= row_pick[rows]
-        new[both[rows[take]], slots[take]] = experts[take]
+        at = both[rows[take]] * num_replicas + slots[take]
+        last = at.size - 1 - np.unique(at[::-1], return_index=True)[1]
+        new.ravel()[at[last]] = experts[take][last]
     re_layers = np.flatnonzero(pick == n_opts)
     if re_layers.size:
         new[re_layers] = preserve_local_slots(relabelled(re_layers), old[re_layers], num_gpus).numpy()
-    moved = _moved(held, new, lay.slot_rank)
+    moved = _moved(_copies(old, num_gpus, num_logical) > 0 if held is None else held, new,
+                   np.arange(num_replicas) // (num_replicas // num_gpus))
     choice = ["replan" if p == n_opts else "project" if p >= n1 else
               ("moves" if m or not np.array_equal(new[i], old[i]) else "kept")
               for i, (p, m) in enumerate(zip(pick.tolist(), moved.tolist()))]
     return IncrementalPlan(torch.from_numpy(new), choice, moved, before, _predicted(w, new, num_gpus), replan_bal)
 
 
-def _repair(lay: _Layout, opts: _Options, target: np.ndarray, max_rounds: int) -> None:
+def _repair_numpy(lay: _Layout, opts: _Options, target: np.ndarray, max_rounds: int) -> None:
     """Steps 1-3 of the module docstring on every row of ``lay``, each recorded as options in ``opts``:
     split ``k`` and retarget ``k`` are one option each, swap round ``k`` one option per pair, for every
-    row (a row past its last step repeats its last option). Compiled, row by row
-    (:mod:`eplbd.policy.incremental_search`), or in numpy, all rows in lock step (:class:`_Layout`):
-    the same options either way."""
-    if not jit.enabled():
-        _repair_numpy(lay, opts, target, max_rounds)
-        return
-    from eplbd.policy.incremental_search import repair
-
-    n_split, split, split_bal, n_ret, ret, ret_bal, n_round, rnd_cost, rnd_bal, rnd_sw = repair(
-        lay.w, lay.phy, lay.holds, lay.held, target, lay.mean, opts.cost[-1], lay.G, lay.Gz,
-        MAX_SPLITS, MAX_RETARGETS, max_rounds)
-    cost, bal = opts.cost[-1], opts.bal[-1]
-    for k in range(int(n_split.max(initial=0))):
-        rows = np.flatnonzero(n_split > k)
-        cost, bal = cost.copy(), bal.copy()
-        cost[rows], bal[rows] = split[rows, k, 2], split_bal[rows, k]
-        opts.add(rows, split[rows, k, 0], split[rows, k, 1], cost, bal)
-    for k in range(int(n_ret.max(initial=0))):
-        rows = np.flatnonzero(n_ret > k)
-        cost, bal = cost.copy(), bal.copy()
-        cost[rows] += ret[rows, k, 2]
-        bal[rows] = ret_bal[rows, k]
-        opts.add(rows, ret[rows, k, 0], ret[rows, k, 1], cost, bal)
-    for k in range(int(n_round.max(initial=0))):
-        on = (n_round > k)[None, :]
-        base = len(opts.cost)
-        costs = np.where(on, rnd_cost[:, k].T, cost[None, :])  # [pairs, rows]
-        bals = np.where(on, rnd_bal[:, k].T, bal[None, :])
-        opts.cost.extend(costs)
-        opts.bal.extend(bals)
-        cost, bal = costs[-1], bals[-1]
-        rows, pos = np.nonzero(rnd_sw[:, k, :, 0] >= 0)
-        sw = rnd_sw[rows, k, pos]  # option position, heavy slot, light slot, expert to light, expert to heavy
-        opts.changes.append((np.concatenate([rows, rows]), np.concatenate([sw[:, 1], sw[:, 2]]),
-                             np.concatenate([sw[:, 4], sw[:, 3]]), np.concatenate([base + pos, base + pos])))
-
-
-def _repair_numpy(lay: _Layout, opts: _Options, target: np.ndarray, max_rounds: int) -> None:
-    """:func:`_repair` in numpy: every step over all rows at once, until no row makes one."""
+    row (a row past its last step repeats its last option); every step over all rows at once, until no
+    row makes one. The numpy reference of :func:`eplbd.policy.incremental_search.search`."""
     for _ in range(MAX_SPLITS):
         rows, slots, experts = lay.split(target)
         if rows.size == 0:

@@ -1,7 +1,9 @@
-"""The repair search of the ``incremental`` policy: the placement under repair, all layers at once
-(:class:`_Layout`: split, retarget, swap rounds) and the options it records (:class:`_Options`).
+"""The repair search of the ``incremental`` policy in numpy: the placement under repair, all layers at
+once (:class:`_Layout`: split, retarget, swap rounds) and the options it records (:class:`_Options`).
 
-Pure numpy; :mod:`eplbd.policy.incremental` drives it and picks one option per layer.
+The reference for the compiled search (:mod:`eplbd.policy.incremental_search`, the same options bit for
+bit), and what runs where no JIT may (:mod:`eplbd.policy.jit`). :mod:`eplbd.policy.incremental` drives
+either and picks one option per layer.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 _TIE = 1e-9  # relative: loads closer than this count as equal
 _COST_TIE = 1e-4  # relative to the mean rank load: one moved slot outweighs a load difference below this
 _FAR = 1e300  # search keys at or above this rule a candidate out (keys of candidates allowed are loads, far below)
+_DONORS = 8  # a retarget weighs the 8 donor slots lightest after the drop
 
 
 @dataclass
@@ -134,7 +137,7 @@ class _Layout:
         Returns:
             (layers, slots, new experts, change in moved slots) of the writes made.
         """
-        S, E, G, D = self.S, self.E, self.G, min(8, self.P)
+        S, E, G, D = self.S, self.E, self.G, min(_DONORS, self.P)
         none = (np.zeros(0, dtype=np.int64),) * 4
         sub = among[self.R[among].max(axis=1) > target[among] * (1 + _TIE)]
         if sub.size == 0:

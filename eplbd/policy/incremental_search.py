@@ -3,10 +3,11 @@
 Each row (a layer, or a layer's projection) is searched on its own, in one compiled call for all rows:
 the steps of :mod:`eplbd.policy.incremental` 1-3 run until the row is under its target or a step finds
 nothing. A row's steps form a prefix of the global sequence of options (split ``k``, retarget ``k``,
-round ``k`` pair ``c``), so :func:`repair` records each row's events at their global positions and the
-caller's options come out as if all rows had been searched in lock step.
+round ``k`` pair ``c``), so :func:`search` records each row's events at their global positions and the
+options come out as the numpy reference (:class:`~eplbd.policy.incremental_layout._Layout`, all rows in
+lock step) makes them.
 
-Sums of loads are taken in numpy's order (:func:`_npsum`, pairwise), so a rank's load here is the same
+Sums of loads are taken in numpy's order (:func:`~eplbd.policy.kernels.npsum`, pairwise), so a rank's load here is the same
 float as numpy computes from the same slots. Where several candidates tie on every key, the lowest
 index wins (the first in slot order); the D lightest donor slots of a retarget are taken in
 (load, slot) order.
@@ -15,15 +16,10 @@ index wins (the first in slot order); the D lightest donor slots of a retarget a
 from __future__ import annotations
 
 import numpy as np
+
+from eplbd.policy.incremental_layout import _COST_TIE, _DONORS, _TIE
 from eplbd.policy.jit import njit
 from eplbd.policy.kernels import npsum
-
-_TIE = 1e-9  # relative: loads closer than this count as equal
-_COST_TIE = 1e-4  # relative to the mean rank load: one moved slot outweighs a load difference below this
-_FAR = 1e300  # search keys at or above this rule a candidate out
-MAX_DONORS = 8  # a retarget looks at the lightest 8 donor slots
-
-
 
 
 @njit
@@ -145,7 +141,7 @@ def _retarget(w, phy, holds, held, cnt, q, R, target, mean, S, Gz, buf):  # noqa
     for p in range(P):
         if cnt[phy[p]] >= 2 and R[p // S] > top[phy[p]]:
             top[phy[p]] = R[p // S]
-    D = min(MAX_DONORS, P)
+    D = min(_DONORS, P)
     cand = np.full(D, -1)
     cbase = np.full(D, np.inf)
     cother = np.zeros(D)
@@ -199,87 +195,110 @@ def _retarget(w, phy, holds, held, cnt, q, R, target, mean, S, Gz, buf):  # noqa
 
 
 @njit
-def _best_swap(phy, holds, held, q, R, h, l, target, mean, S):  # noqa: ANN001, ANN202
+def _best_swap(phy, holds, held, q, R, h, l, target, mean, S, qb, tb):  # noqa: ANN001, ANN202
     """The exchange of one slot each between ranks ``h`` (heavy) and ``l`` that brings the pair's larger
-    load under ``target`` (else lowest), fewest moved slots next, lowest peak last.
+    load under ``target`` (else lowest), fewest moved slots next, lowest peak last; the first such
+    (heavy slot, light slot) in slot order among equals. An exchange must move load heavy -> light
+    without reversing the pair, and give neither rank a second copy of an expert.
 
-    Returns (ok, heavy slot, light slot, load moved heavy -> light, change in moved slots)."""
+    Returns (ok, heavy slot, light slot, load moved heavy -> light, change in moved slots); ``qb``/``tb``
+    are scratch of ``S``."""
     Rh, Rl = R[h], R[l]
     m = mean if mean > 0 else 1.0
     cost_w = _COST_TIE * m
     eps = _TIE * Rh
+    gap = (Rh - Rl) - eps
     half, floor = 0.5 * (Rh - Rl), target - 0.5 * (Rh + Rl)
-    qb = np.empty(S)
-    tb = np.empty(S)
     for j in range(S):
         b = phy[l * S + j]
         qb[j] = q[b]
-        tb[j] = cost_w * (np.float64(held[b, l]) - np.float64(held[b, h]))
-        if holds[b, h] > 0:
-            tb[j] += _FAR
-    best, bi, bj = np.inf, 0, 0
+        tb[j] = np.inf if holds[b, h] > 0 else cost_w * (np.float64(held[b, l]) - np.float64(held[b, h]))
+    best, bi, bj = np.inf, -1, -1
     for i in range(S):
         a = phy[h * S + i]
-        ta = cost_w * (np.float64(held[a, h]) - np.float64(held[a, l]))
         if holds[a, l] > 0:
-            ta += _FAR
+            continue
+        ta = cost_w * (np.float64(held[a, h]) - np.float64(held[a, l]))
         qa = q[a]
         for j in range(S):
             d = qa - qb[j]
+            if d <= eps or d >= gap or tb[j] == np.inf:
+                continue
             dev = abs(d - half)
             key = max(dev, floor)
             key += ta
             key += tb[j]
             key += dev * _TIE
-            if d <= eps or d >= (Rh - Rl) - eps:
-                key += _FAR
             if key < best:
                 best, bi, bj = key, i, j
+    if bi < 0:
+        return False, -1, -1, 0.0, np.int64(0)
     a, b = phy[h * S + bi], phy[l * S + bj]
     dcost = (np.float64(held[a, h]) - np.float64(held[a, l])) + (np.float64(held[b, l]) - np.float64(held[b, h]))
-    return best < _FAR, h * S + bi, l * S + bj, q[a] - q[b], np.int64(np.rint(dcost))
+    return True, h * S + bi, l * S + bj, q[a] - q[b], np.int64(np.rint(dcost))
 
 
 @njit
-def _swap_round(phy, holds, held, q, R, target, mean, S, Gz, o_cost, o_bal, sw, cost0):  # noqa: ANN001, ANN202
+def _by_load(R, idx, n, out):  # noqa: ANN001, ANN202
+    """``out[:n]`` = ``idx[:n]`` by ``R[idx]`` descending, equal loads in ``idx`` order (numpy's stable
+    ``argsort(-R)``); insertion sort, ``n`` is small."""
+    for i in range(n):
+        v, x = R[idx[i]], idx[i]
+        k = i
+        while k > 0 and R[out[k - 1]] < v:
+            out[k] = out[k - 1]
+            k -= 1
+        out[k] = x
+
+
+@njit
+def _swap_round(phy, holds, held, q, R, target, mean, S, Gz, o_cost, o_bal, sw, cost0, iscr, fscr):  # noqa: ANN001, ANN202
     """Step 3, one round on one row: pair the i-th heaviest rank with the i-th lightest in each zone, one
     swap in every pair whose heavy rank is above ``target``. Writes the round's options (pairs by heavy
     load; ``o_cost``/``o_bal`` [pairs]) and swaps (``sw`` [pairs, 5]: option position or -1, heavy slot,
-    light slot, expert to light, expert to heavy). Returns whether a swap was made."""
+    light slot, expert to light, expert to heavy). Returns whether a swap was made. ``iscr`` [8, G] and
+    ``fscr`` [6, max(G, S)] are scratch."""
     G = R.shape[0]
     zones, half = G // Gz, Gz // 2
     npairs = zones * half
-    heavy = np.empty(npairs, dtype=np.int64)
-    light = np.empty(npairs, dtype=np.int64)
+    heavy, light, slot_h, slot_l, dcost, by, order, ranks = (iscr[0], iscr[1], iscr[2], iscr[3], iscr[4], iscr[5],
+                                                              iscr[6], iscr[7])
+    Rh, Rl, moved, rest, qb, tb = fscr[0], fscr[1], fscr[2], fscr[3], fscr[4], fscr[5]
     for z in range(zones):
-        order = np.argsort(-R[z * Gz:(z + 1) * Gz], kind="mergesort") + z * Gz
+        for i in range(Gz):
+            ranks[i] = z * Gz + i
+        _by_load(R, ranks, Gz, order)
         for i in range(half):
             heavy[z * half + i] = order[i]
             light[z * half + i] = order[Gz - 1 - i]
-    Rh, Rl = R[heavy], R[light]
-    go = np.zeros(npairs, dtype=np.bool_)
-    moved = np.zeros(npairs)
-    dcost = np.zeros(npairs, dtype=np.int64)
-    slot_h = np.empty(npairs, dtype=np.int64)
-    slot_l = np.empty(npairs, dtype=np.int64)
     cap = target * (1 + _TIE)
+    any_go = False
     for c in range(npairs):
+        Rh[c], Rl[c] = R[heavy[c]], R[light[c]]
+        slot_h[c], dcost[c], moved[c] = -1, 0, 0.0
         if Rh[c] > cap:
-            ok, sh, sl, mv, dc = _best_swap(phy, holds, held, q, R, heavy[c], light[c], target, mean, S)
-            go[c], moved[c], slot_h[c], slot_l[c] = ok, mv, sh, sl
+            ok, sh, sl, mv, dc = _best_swap(phy, holds, held, q, R, heavy[c], light[c], target, mean, S, qb, tb)
             if ok:
-                dcost[c] = dc
-    by = np.argsort(-Rh, kind="mergesort") if zones > 1 else np.arange(npairs)
+                slot_h[c], slot_l[c], moved[c], dcost[c] = sh, sl, mv, dc
+                any_go = True
+    if zones > 1:
+        for c in range(npairs):
+            ranks[c] = c
+        _by_load(Rh, ranks, npairs, by)
+    else:  # one zone: pairs are already by heavy load
+        for c in range(npairs):
+            by[c] = c
     # Options: pairs by heavy load; peak after the first k = max(new loads of those k, old loads of the rest).
     rest_unpaired = -np.inf
     if 2 * npairs < G:  # odd zones leave one rank per zone unpaired
-        paired = np.zeros(G, dtype=np.bool_)
-        paired[heavy] = True
-        paired[light] = True
-        for g in range(G):
-            if not paired[g] and R[g] > rest_unpaired:
-                rest_unpaired = R[g]
-    rest = np.empty(npairs)
+        for z in range(zones):
+            g = order[half] if zones == 1 else -1
+            if zones > 1:  # the middle rank of each zone
+                for i in range(Gz):
+                    ranks[i] = z * Gz + i
+                _by_load(R, ranks, Gz, order)
+                g = order[half]
+            rest_unpaired = max(rest_unpaired, R[g])
     acc = -np.inf
     for k in range(npairs - 1, -1, -1):
         rest[k] = max(acc, rest_unpaired)
@@ -288,19 +307,20 @@ def _swap_round(phy, holds, held, q, R, target, mean, S, Gz, o_cost, o_bal, sw, 
     run, cost = -np.inf, cost0
     for k in range(npairs):
         c = by[k]
-        new_pair = max(Rh[c] - moved[c], Rl[c] + moved[c]) if go[c] else max(Rh[c], Rl[c])
+        go = slot_h[c] >= 0
+        new_pair = max(Rh[c] - moved[c], Rl[c] + moved[c]) if go else max(Rh[c], Rl[c])
         run = max(run, new_pair)
         peak = max(run, rest[k])
         cost += dcost[c]
         o_cost[k] = cost
         o_bal[k] = mean / peak if peak > 0 else 1.0
         sw[k, 0] = -1
-    any_go = False
+    if not any_go:
+        return False
     for k in range(npairs):
         c = by[k]
-        if not go[c]:
+        if slot_h[c] < 0:
             continue
-        any_go = True
         h, l, sh, sl = heavy[c], light[c], slot_h[c], slot_l[c]
         xa, xb = phy[sh], phy[sl]
         phy[sh], phy[sl] = xb, xa
@@ -311,27 +331,53 @@ def _swap_round(phy, holds, held, q, R, target, mean, S, Gz, o_cost, o_bal, sw, 
         holds[xb, l] -= 1
         holds[xb, h] += 1
         sw[k, 0], sw[k, 1], sw[k, 2], sw[k, 3], sw[k, 4] = k, sh, sl, xa, xb
-    return any_go
+    return True
 
 
 @njit
-def repair(w, phy, holds, held, target, mean, cost0, G, Gz, max_splits, max_retargets, max_rounds):  # noqa: ANN001, ANN201
-    """Steps 1-3 on every row (``phy``/``holds`` are changed in place).
+def rank_loads(w, phy, G):  # noqa: ANN001, ANN202
+    """[rows, G] load per rank of placement ``phy`` [rows, P] for loads ``w`` [rows, E] (each expert's load
+    split evenly over its replicas), summed as numpy sums them."""
+    rows, P = phy.shape
+    E = w.shape[1]
+    S = P // G
+    R = np.empty((rows, G))
+    cnt = np.zeros(E, dtype=np.int64)
+    q = np.zeros(E)
+    buf = np.zeros(max(S, 1))
+    for r in range(rows):
+        _refresh(w[r], phy[r], cnt, q, R[r], S, buf)
+    return R
+
+
+@njit
+def _fill_copies(phy, holds, S, sign):  # noqa: ANN001, ANN202
+    for p in range(phy.shape[0]):
+        holds[phy[p], p // S] += sign
+
+
+@njit
+def search(w, old, start, pre, regroup, target, mean, G, Gz, max_splits, max_retargets, max_rounds):  # noqa: ANN001, ANN201
+    """Steps 1-3 on every row, from the row's start placement, and the options they make.
 
     Args:
-        w: [rows, E] loads; phy: [rows, P] placement; holds: [rows, E, G] copies now; held: [rows, E, G]
-            copies in the old placement (moves count from it); target, mean: [rows] peak to reach and mean
-            rank load; cost0: [rows] moved slots of the row's last option.
+        w, old: [L, E] loads and [L, P] placement in force; row ``r`` of the search is layer ``r % L``.
+        start: [rows, P] where each row starts (option 0); moves count from ``old``.
+        pre: [rows, P] the row after the hierarchical regroup (option 1), used when ``regroup``.
+        target, mean: [rows] peak rank load to reach and mean rank load.
 
     Returns:
-        (n_split [rows], split [rows, max_splits, 3] slot/expert/cost, split_bal [rows, max_splits],
-        n_ret, ret [rows, max_retargets, 3] slot/expert/dcost, ret_bal [rows, max_retargets],
-        n_round, rnd_cost / rnd_bal [rows, max_rounds, pairs], rnd_sw [rows, max_rounds, pairs, 5]).
+        (cost [options, rows] int64 moved slots, bal [options, rows] predicted balancedness, changes
+        [n, 4] int64 (row, slot, expert, option) in the order made), options 0 and 1 (``regroup``)
+        included, each row's past its last step repeating its last.
     """
-    rows, E = w.shape
-    P = phy.shape[1]
+    rows, P = start.shape
+    L, E = w.shape
     S = P // G
     npairs = (G // Gz) * (Gz // 2)
+    n0 = 2 if regroup else 1
+    base_cost = np.zeros((n0, rows), dtype=np.int64)
+    base_bal = np.zeros((n0, rows))
     n_split = np.zeros(rows, dtype=np.int64)
     split = np.full((rows, max_splits, 3), -1, dtype=np.int64)
     split_bal = np.zeros((rows, max_splits))
@@ -346,10 +392,27 @@ def repair(w, phy, holds, held, target, mean, cost0, G, Gz, max_splits, max_reta
     q = np.zeros(E)
     R = np.zeros(G)
     buf = np.zeros(max(S, 1))
+    iscr = np.zeros((8, G), dtype=np.int64)
+    fscr = np.zeros((6, max(G, S)))
+    hd = np.zeros((E, G), dtype=np.uint8)  # copies in the placement in force (0/1), zeroed after each row
+    hr = np.zeros((E, G), dtype=np.int16)  # copies now, likewise
+    pr = np.empty(P, dtype=np.int64)
     for r in range(rows):
-        wr, pr, hr, hd, t, mean_r = w[r], phy[r], holds[r], held[r], target[r], mean[r]
+        lr = r % L
+        wr, t, mean_r = w[lr], target[r], mean[r]
+        for p in range(P):
+            hd[old[lr, p], p // S] = 1
+        pr[:] = start[r]
+        _fill_copies(pr, hr, S, 1)
         _refresh(wr, pr, cnt, q, R, S, buf)
-        cost = cost0[r]
+        base_cost[0, r], base_bal[0, r] = _spent(pr, hd, S), _balancedness(mean_r, R)
+        if regroup:
+            _fill_copies(pr, hr, S, -1)
+            pr[:] = pre[r]
+            _fill_copies(pr, hr, S, 1)
+            _refresh(wr, pr, cnt, q, R, S, buf)
+            base_cost[1, r], base_bal[1, r] = _spent(pr, hd, S), _balancedness(mean_r, R)
+        cost = base_cost[n0 - 1, r]
         for k in range(max_splits):
             slot, y = _split(wr, pr, hr, cnt, q, R, t, S, Gz, buf)
             if slot < 0:
@@ -366,14 +429,70 @@ def repair(w, phy, holds, held, target, mean, cost0, G, Gz, max_splits, max_reta
             ret[r, k, 0], ret[r, k, 1], ret[r, k, 2] = slot, x, dc
             ret_bal[r, k] = _balancedness(mean_r, R)
             n_ret[r] = k + 1
-        if Gz < 2:
-            continue
-        for k in range(max_rounds):
-            if not R.max() > t * (1 + _TIE):
-                break
-            n_round[r] = k + 1
-            made = _swap_round(pr, hr, hd, q, R, t, mean_r, S, Gz, rnd_cost[r, k], rnd_bal[r, k], rnd_sw[r, k], cost)
-            cost = rnd_cost[r, k, npairs - 1] if npairs else cost
-            if not made:
-                break
-    return n_split, split, split_bal, n_ret, ret, ret_bal, n_round, rnd_cost, rnd_bal, rnd_sw
+        if Gz >= 2:
+            for k in range(max_rounds):
+                if not R.max() > t * (1 + _TIE):
+                    break
+                n_round[r] = k + 1
+                made = _swap_round(pr, hr, hd, q, R, t, mean_r, S, Gz, rnd_cost[r, k], rnd_bal[r, k], rnd_sw[r, k],
+                                   cost, iscr, fscr)
+                cost = rnd_cost[r, k, npairs - 1] if npairs else cost
+                if not made:
+                    break
+        _fill_copies(pr, hr, S, -1)
+        for p in range(P):
+            hd[old[lr, p], p // S] = 0
+    return _assemble(base_cost, base_bal, n_split, split, split_bal, n_ret, ret, ret_bal, n_round, rnd_cost, rnd_bal,
+                     rnd_sw)
+
+
+@njit
+def _assemble(base_cost, base_bal, n_split, split, split_bal, n_ret, ret, ret_bal, n_round, rnd_cost, rnd_bal,
+              rnd_sw):  # noqa: ANN001, ANN202
+    """Every row's events at their global option positions: see :func:`search`."""
+    n0, rows = base_cost.shape
+    npairs = rnd_cost.shape[2]
+    ns, nr, nd = n_split.max(), n_ret.max(), n_round.max()
+    n_opts = n0 + ns + nr + nd * npairs
+    cost = np.empty((n_opts, rows), dtype=np.int64)
+    bal = np.empty((n_opts, rows))
+    n_changes = n_split.sum() + n_ret.sum()
+    for r in range(rows):
+        for k in range(n_round[r]):
+            for c in range(npairs):
+                if rnd_sw[r, k, c, 0] >= 0:
+                    n_changes += 2
+    changes = np.empty((n_changes, 4), dtype=np.int64)
+    i = 0
+    for r in range(rows):
+        o = 0
+        for k in range(n0):
+            cost[o, r], bal[o, r] = base_cost[k, r], base_bal[k, r]
+            o += 1
+        c_last, b_last = cost[o - 1, r], bal[o - 1, r]
+        for k in range(ns):
+            if k < n_split[r]:
+                c_last, b_last = split[r, k, 2], split_bal[r, k]
+                changes[i, 0], changes[i, 1], changes[i, 2], changes[i, 3] = r, split[r, k, 0], split[r, k, 1], o
+                i += 1
+            cost[o, r], bal[o, r] = c_last, b_last
+            o += 1
+        for k in range(nr):
+            if k < n_ret[r]:
+                c_last, b_last = c_last + ret[r, k, 2], ret_bal[r, k]
+                changes[i, 0], changes[i, 1], changes[i, 2], changes[i, 3] = r, ret[r, k, 0], ret[r, k, 1], o
+                i += 1
+            cost[o, r], bal[o, r] = c_last, b_last
+            o += 1
+        for k in range(nd):
+            for c in range(npairs):
+                if k < n_round[r]:
+                    c_last, b_last = rnd_cost[r, k, c], rnd_bal[r, k, c]
+                    sw = rnd_sw[r, k, c]
+                    if sw[0] >= 0:  # heavy slot takes the light rank's expert, and back
+                        changes[i, 0], changes[i, 1], changes[i, 2], changes[i, 3] = r, sw[1], sw[4], o
+                        changes[i + 1, 0], changes[i + 1, 1], changes[i + 1, 2], changes[i + 1, 3] = r, sw[2], sw[3], o
+                        i += 2
+                cost[o, r], bal[o, r] = c_last, b_last
+                o += 1
+    return cost, bal, changes
