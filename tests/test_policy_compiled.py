@@ -128,3 +128,17 @@ def test_no_jit_env_chooses_numpy_and_says_why(value):
                          capture_output=True, text=True, timeout=120, check=True).stdout.split("\n")
     assert out[0] == "False numpy (EPLBD_NO_JIT is set)"
     assert out[1] == "False"  # numba is not even imported
+
+
+def test_without_a_writable_cache_the_loops_compile_in_memory_and_say_so():
+    """A read-only root file system without NUMBA_CACHE_DIR: numba finds no cache directory (emulated by
+    giving it no cache locator); the policies still run compiled, and the reason names the fix."""
+    code = ("import numba.core.caching as c; c.CacheImpl._locator_classes = []\n"
+            "import numpy as np\n"
+            "from eplbd.policy import jit, plan_incremental, rebalance_experts\n"
+            "w = np.arange(16).reshape(2, 8)\n"
+            "old = rebalance_experts(w, 12, 2, 2, 4)[0]\n"
+            "print(plan_incremental(w[::-1].copy(), 12, 2, 2, 4, old).moved.sum() >= 0, jit.reason())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.startswith("True compiled (numba "), out.stdout + out.stderr
+    assert "not cached: no writable cache directory (set NUMBA_CACHE_DIR)" in out.stdout

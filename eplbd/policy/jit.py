@@ -6,8 +6,9 @@ process may not map writable memory executable (systemd's ``MemoryDenyWriteExecu
 ``deploy/`` sets, or SELinux's ``deny_execmem``), importing numba fails and every policy runs on numpy,
 with the same results. ``EPLBD_NO_JIT=1`` chooses numpy on purpose.
 
-Compiled code is cached on disk next to the modules (numba's ``cache=True``), so only the first process
-after an install compiles (about 10 s on a small machine); :func:`eplbd.policy.incremental.warm` does it ahead
+Compiled code is cached on disk next to the modules, or in ``NUMBA_CACHE_DIR`` (numba's ``cache=True``;
+the container image points it at ``/tmp``, its root file system being read-only), so only the first
+process after an install compiles (about 10 s on a small machine); :func:`eplbd.policy.incremental.warm` does it ahead
 of time (``make setup`` runs it; the daemon runs it on a worker thread at start).
 """
 
@@ -31,8 +32,10 @@ def enabled() -> bool:
 
 
 def reason() -> str:
-    """Why the policies run on numpy, or which numba compiles them."""
+    """Why the policies run on numpy, or which numba compiles them (and whether it caches them on disk)."""
     enabled()
+    if _state["on"] and "uncached" in _state:
+        return f"{_state['why']}, not cached: no writable cache directory (set NUMBA_CACHE_DIR)"
     return str(_state["why"])
 
 
@@ -48,7 +51,13 @@ def _probe() -> tuple[bool, str]:
 
 def njit(fn: Callable) -> Callable:
     """numba's ``njit`` with the options every kernel uses: cached on disk, releasing the GIL (the daemon
-    runs policies on a worker thread while its event loop goes on)."""
+    runs policies on a worker thread while its event loop goes on). Where numba finds no writable cache
+    directory (a read-only root file system without ``NUMBA_CACHE_DIR``), it compiles in memory, once per
+    process."""
     import numba
 
-    return numba.njit(cache=True, nogil=True)(fn)
+    try:
+        return numba.njit(cache=True, nogil=True)(fn)
+    except RuntimeError as exc:  # "cannot cache function ...: no locator available"
+        _state["uncached"] = str(exc)
+        return numba.njit(nogil=True)(fn)
