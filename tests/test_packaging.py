@@ -20,7 +20,7 @@ def test_example_toml_is_current_and_loads():
 def test_worker_side_imports_stay_light():
     code = ("import sys, eplbd.client.worker, eplbd.client.rpc, eplbd.client.reporter, eplbd.proto; "
             "heavy = [m for m in ('uvloop', 'pydantic', 'prometheus_client', 'eplbd.policy', 'eplbd.daemon', "
-            "'eplbd.daemon.server', 'eplbd.daemon.state', 'eplbd.refengine') "
+            "'eplbd.daemon.server', 'eplbd.daemon.state', 'eplbd.refengine', 'numba') "
             "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
