@@ -169,7 +169,7 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
     both = np.arange(2 * num_layers) % num_layers  # see below: two rows per layer
     compiled = jit.enabled()
     if compiled:
-        from eplbd.policy.incremental_search import rank_loads, search
+        from eplbd.policy.incremental_search import rank_loads
 
         R_old = rank_loads(w, old, num_gpus)
         mean = R_old.mean(axis=1)
@@ -197,28 +197,13 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
     proj = _project(w, old, _node_relabelled(replan, old, num_logical, num_nodes) if hierarchical else replan,
                     num_gpus, zones)
     start = np.concatenate([old, proj])
-    rows, slots = np.nonzero(start != old[both])
-    changes = [(rows, slots, start[rows, slots], np.zeros_like(rows))]
     if compiled:
-        pre, regroup = start, False
-        if hierarchical:
-            bad = np.flatnonzero(_split_groups(old, num_logical, num_groups, num_nodes))
-            if bad.size:
-                pre, regroup = start.copy(), True
-                pre[bad] = _project(w[bad], old[bad], relabelled(bad), num_gpus, num_nodes)
-                rows, slots = np.nonzero(pre[bad] != old[bad])
-                rows = bad[rows]
-                changes.append((rows, slots, pre[rows, slots], np.ones_like(rows)))
-        c2, b2, made = search(w, old, start, pre, regroup, np.concatenate([target, target]), mean[both], num_gpus,
-                              num_gpus // zones, MAX_SPLITS, MAX_RETARGETS, max_rounds)
-        changes.append(tuple(made.T))
+        bad = _split_groups(old, num_logical, num_groups, num_nodes) if hierarchical else np.zeros(num_layers, bool)
+        c2, b2, changes = _search_compiled(w, old, start, np.flatnonzero(bad), relabelled, target, mean, num_gpus,
+                                           zones, max_rounds)
     else:
-        lay.set_phy(start, np.arange(num_layers, 2 * num_layers))
-        opts = _Options([lay.spent()], [lay.balancedness()], changes)
-        if hierarchical:
-            _regroup(lay, opts, relabelled, num_groups, num_nodes, num_layers)
-        _repair_numpy(lay, opts, np.concatenate([target, target]), max_rounds)
-        c2, b2 = np.stack(opts.cost), np.stack(opts.bal)
+        c2, b2, changes = _search_numpy(lay, start, relabelled, target, num_groups, num_nodes, hierarchical,
+                                        max_rounds)
     n1 = c2.shape[0]  # options [0, n1) start from the placement in force, [n1, 2 n1) from the projection
     cost = np.concatenate([c2[:, :num_layers], c2[:, num_layers:]])
     bal = np.concatenate([b2[:, :num_layers], b2[:, num_layers:]])
@@ -252,6 +237,44 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
               ("moves" if m or not np.array_equal(new[i], old[i]) else "kept")
               for i, (p, m) in enumerate(zip(pick.tolist(), moved.tolist()))]
     return IncrementalPlan(torch.from_numpy(new), choice, moved, before, _predicted(w, new, num_gpus), replan_bal)
+
+
+def _search_compiled(w: np.ndarray, old: np.ndarray, start: np.ndarray, bad: np.ndarray, relabelled: _Relabelled,
+                     target: np.ndarray, mean: np.ndarray, num_gpus: int, zones: int,
+                     max_rounds: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """Every option of both start points (``start``: [2L, P], rows [0, L) the placement in force, [L, 2L) its
+    projection), compiled: (cost, bal) [options, 2L] and the changes (rows, slots, experts, option) in the
+    order made. ``bad``: layers whose placement splits an expert group over nodes, regrouped first."""
+    from eplbd.policy.incremental_search import search
+
+    L = len(old)
+    both = np.arange(2 * L) % L
+    rows, slots = np.nonzero(start != old[both])
+    changes = [(rows, slots, start[rows, slots], np.zeros_like(rows))]
+    pre = start
+    if bad.size:
+        pre = start.copy()
+        pre[bad] = _project(w[bad], old[bad], relabelled(bad), num_gpus, zones)
+        rows, slots = np.nonzero(pre[bad] != old[bad])
+        rows = bad[rows]
+        changes.append((rows, slots, pre[rows, slots], np.ones_like(rows)))
+    cost, bal, made = search(w, old, start, pre, bool(bad.size), np.concatenate([target, target]), mean[both],
+                             num_gpus, num_gpus // zones, MAX_SPLITS, MAX_RETARGETS, max_rounds)
+    changes.append(tuple(made.T))
+    return cost, bal, changes
+
+
+def _search_numpy(lay: _Layout, start: np.ndarray, relabelled: _Relabelled, target: np.ndarray, num_groups: int,
+                  num_nodes: int, hierarchical: bool, max_rounds: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """:func:`_search_compiled` in numpy, on ``lay`` (both start points' rows, all in lock step)."""
+    L = lay.L // 2
+    lay.set_phy(start, np.arange(L, 2 * L))
+    rows, slots = np.nonzero(lay.phy != lay.old)
+    opts = _Options([lay.spent()], [lay.balancedness()], [(rows, slots, lay.phy[rows, slots], np.zeros_like(rows))])
+    if hierarchical:
+        _regroup(lay, opts, relabelled, num_groups, num_nodes, L)
+    _repair_numpy(lay, opts, np.concatenate([target, target]), max_rounds)
+    return np.stack(opts.cost), np.stack(opts.bal), opts.changes
 
 
 def _repair_numpy(lay: _Layout, opts: _Options, target: np.ndarray, max_rounds: int) -> None:
