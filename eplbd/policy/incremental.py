@@ -169,7 +169,7 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
     both = np.arange(2 * num_layers) % num_layers  # see below: two rows per layer
     compiled = jit.enabled()
     if compiled:
-        from eplbd.policy.incremental_search import rank_loads
+        from eplbd.policy.incremental_search import moved_slots, rank_loads
 
         R_old = rank_loads(w, old, num_gpus)
         mean = R_old.mean(axis=1)
@@ -231,8 +231,10 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
     re_layers = np.flatnonzero(pick == n_opts)
     if re_layers.size:
         new[re_layers] = preserve_local_slots(relabelled(re_layers), old[re_layers], num_gpus).numpy()
-    moved = _moved(_copies(old, num_gpus, num_logical) > 0 if held is None else held, new,
-                   np.arange(num_replicas) // (num_replicas // num_gpus))
+    if compiled:
+        moved = moved_slots(old, new, num_gpus)
+    else:
+        moved = _moved(held, new, np.arange(num_replicas) // (num_replicas // num_gpus))
     choice = ["replan" if p == n_opts else "project" if p >= n1 else
               ("moves" if m or not np.array_equal(new[i], old[i]) else "kept")
               for i, (p, m) in enumerate(zip(pick.tolist(), moved.tolist()))]
@@ -310,7 +312,15 @@ def _holds_every_expert(old: np.ndarray, num_logical: int) -> bool:
 
 
 def _predicted(w: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
-    return predicted_balancedness(w, phy2log, num_gpus).numpy()
+    """:func:`~eplbd.policy.balance.predicted_balancedness` of a valid placement (the same floats; rank loads
+    summed by the compiled loop where it runs)."""
+    if not jit.enabled():
+        return predicted_balancedness(w, phy2log, num_gpus).numpy()
+    from eplbd.policy.incremental_search import rank_loads
+
+    R = rank_loads(w, np.ascontiguousarray(phy2log, dtype=np.int64), num_gpus)
+    peak, mean = R.max(axis=1), R.mean(axis=1)
+    return np.where(peak > 0, mean / np.where(peak > 0, peak, 1.0), 1.0)
 
 
 def warm() -> str:

@@ -101,15 +101,23 @@ def _pick(cost: np.ndarray, bal: np.ndarray, budget: int | None, goal: float) ->
     def fits(p: np.ndarray) -> bool:
         return bool(cost_t[lay, p].sum() <= budget) if budget is not None else bool(bal_t[lay, p].sum() >= goal)
 
-    if fits(at(0.0)) == (budget is not None):  # the budget buys the best, or the goal is out of reach
-        return at(0.0)
-    cheap, dear = 1.0, 0.0  # prices: at(cheap) fits the budget / misses the goal, at(dear) the opposite
-    for _ in range(32):  # to 2e-10 of balancedness per slot
-        mid = 0.5 * (cheap + dear)
-        if fits(at(mid)) == (budget is not None):
-            cheap = mid
-        else:
-            dear = mid
+    if jit.enabled():
+        from eplbd.policy.kernels import pick_at, pick_bisect
+
+        at = lambda price: pick_at(cost_t, bal_t, price)  # noqa: E731
+        at_zero, cheap, dear = pick_bisect(cost_t, bal_t, -1 if budget is None else budget, goal, budget is not None)
+        if at_zero:
+            return at(0.0)
+    else:
+        if fits(at(0.0)) == (budget is not None):  # the budget buys the best, or the goal is out of reach
+            return at(0.0)
+        cheap, dear = 1.0, 0.0  # prices: at(cheap) fits the budget / misses the goal, at(dear) the opposite
+        for _ in range(32):  # to 2e-10 of balancedness per slot
+            mid = 0.5 * (cheap + dear)
+            if fits(at(mid)) == (budget is not None):
+                cheap = mid
+            else:
+                dear = mid
     lo, hi = at(cheap), at(dear)  # lo: fewer moves; hi: more
     extra = cost[hi, lay] - cost[lo, lay]
     more = bal[hi, lay] - bal[lo, lay]

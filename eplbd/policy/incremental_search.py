@@ -351,6 +351,25 @@ def rank_loads(w, phy, G):  # noqa: ANN001, ANN202
 
 
 @njit
+def moved_slots(old, new, G):  # noqa: ANN001, ANN202
+    """[layers] slots of ``new`` whose rank did not hold their expert in ``old`` (both [layers, P])."""
+    L, P = old.shape
+    S = P // G
+    E = max(old.max(), new.max()) + 1
+    hd = np.zeros((E, G), dtype=np.uint8)
+    out = np.zeros(L, dtype=np.int64)
+    for layer in range(L):
+        for p in range(P):
+            hd[old[layer, p], p // S] = 1
+        for p in range(P):
+            if hd[new[layer, p], p // S] == 0:
+                out[layer] += 1
+        for p in range(P):
+            hd[old[layer, p], p // S] = 0
+    return out
+
+
+@njit
 def _fill_copies(phy, holds, S, sign):  # noqa: ANN001, ANN202
     for p in range(phy.shape[0]):
         holds[phy[p], p // S] += sign

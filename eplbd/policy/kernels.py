@@ -252,3 +252,48 @@ def project(w, old, target, num_gpus, zones):  # noqa: ANN001, ANN202
                     if free_in[g] == 0:
                         loads[g] = np.inf
     return out
+
+
+@njit
+def pick_at(cost_t, bal_t, price):  # noqa: ANN001, ANN202
+    """Per layer, the option with the most ``bal - price * cost - 1e-12 * cost`` (the first among equals):
+    ``at`` of :func:`eplbd.policy.incremental_budget._pick`."""
+    L, K = cost_t.shape
+    out = np.zeros(L, dtype=np.int64)
+    for layer in range(L):
+        best = -np.inf
+        for k in range(K):
+            c = np.float64(cost_t[layer, k])
+            v = (bal_t[layer, k] - c * price) - 1e-12 * c
+            if v > best or k == 0:
+                best, out[layer] = v, k
+    return out
+
+
+@njit
+def _fits(cost_t, bal_t, pick, budget, goal, use_budget):  # noqa: ANN001, ANN202
+    L = cost_t.shape[0]
+    if use_budget:
+        spent = 0
+        for layer in range(L):
+            spent += cost_t[layer, pick[layer]]
+        return spent <= budget
+    got = np.empty(L)
+    for layer in range(L):
+        got[layer] = bal_t[layer, pick[layer]]
+    return npsum(got, L) >= goal
+
+
+@njit
+def pick_bisect(cost_t, bal_t, budget, goal, use_budget):  # noqa: ANN001, ANN202
+    """The price bisection of :func:`eplbd.policy.incremental_budget._pick`: (decided at price 0, cheap, dear)."""
+    if _fits(cost_t, bal_t, pick_at(cost_t, bal_t, 0.0), budget, goal, use_budget) == use_budget:
+        return True, 0.0, 0.0
+    cheap, dear = 1.0, 0.0
+    for _ in range(32):
+        mid = 0.5 * (cheap + dear)
+        if _fits(cost_t, bal_t, pick_at(cost_t, bal_t, mid), budget, goal, use_budget) == use_budget:
+            cheap = mid
+        else:
+            dear = mid
+    return False, cheap, dear
