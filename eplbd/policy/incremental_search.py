@@ -195,14 +195,14 @@ def _retarget(w, phy, holds, held, cnt, q, R, target, mean, S, Gz, buf):  # noqa
 
 
 @njit
-def _best_swap(phy, holds, held, q, R, h, l, target, mean, S, qb, tb):  # noqa: ANN001, ANN202
+def _best_swap(phy, holds, held, q, R, h, l, target, mean, S, qb, tb, keys):  # noqa: ANN001, ANN202
     """The exchange of one slot each between ranks ``h`` (heavy) and ``l`` that brings the pair's larger
     load under ``target`` (else lowest), fewest moved slots next, lowest peak last; the first such
     (heavy slot, light slot) in slot order among equals. An exchange must move load heavy -> light
     without reversing the pair, and give neither rank a second copy of an expert.
 
-    Returns (ok, heavy slot, light slot, load moved heavy -> light, change in moved slots); ``qb``/``tb``
-    are scratch of ``S``."""
+    Returns (ok, heavy slot, light slot, load moved heavy -> light, change in moved slots); ``qb``, ``tb``
+    and ``keys`` are scratch of ``S``."""
     Rh, Rl = R[h], R[l]
     m = mean if mean > 0 else 1.0
     cost_w = _COST_TIE * m
@@ -220,17 +220,14 @@ def _best_swap(phy, holds, held, q, R, h, l, target, mean, S, qb, tb):  # noqa: 
             continue
         ta = cost_w * (np.float64(held[a, h]) - np.float64(held[a, l]))
         qa = q[a]
-        for j in range(S):
+        for j in range(S):  # every key first, branch-free (a ruled-out j has tb = inf), then the scan
             d = qa - qb[j]
-            if d <= eps or d >= gap or tb[j] == np.inf:
-                continue
             dev = abs(d - half)
-            key = max(dev, floor)
-            key += ta
-            key += tb[j]
-            key += dev * _TIE
-            if key < best:
-                best, bi, bj = key, i, j
+            key = ((max(dev, floor) + ta) + tb[j]) + dev * _TIE
+            keys[j] = key if (d > eps) & (d < gap) else np.inf
+        for j in range(S):
+            if keys[j] < best:
+                best, bi, bj = keys[j], i, j
     if bi < 0:
         return False, -1, -1, 0.0, np.int64(0)
     a, b = phy[h * S + bi], phy[l * S + bj]
@@ -257,13 +254,13 @@ def _swap_round(phy, holds, held, q, R, target, mean, S, Gz, o_cost, o_bal, sw, 
     swap in every pair whose heavy rank is above ``target``. Writes the round's options (pairs by heavy
     load; ``o_cost``/``o_bal`` [pairs]) and swaps (``sw`` [pairs, 5]: option position or -1, heavy slot,
     light slot, expert to light, expert to heavy). Returns whether a swap was made. ``iscr`` [8, G] and
-    ``fscr`` [6, max(G, S)] are scratch."""
+    ``fscr`` [7, max(G, S)] are scratch."""
     G = R.shape[0]
     zones, half = G // Gz, Gz // 2
     npairs = zones * half
     heavy, light, slot_h, slot_l, dcost, by, order, ranks = (iscr[0], iscr[1], iscr[2], iscr[3], iscr[4], iscr[5],
                                                               iscr[6], iscr[7])
-    Rh, Rl, moved, rest, qb, tb = fscr[0], fscr[1], fscr[2], fscr[3], fscr[4], fscr[5]
+    Rh, Rl, moved, rest, qb, tb, keys = fscr[0], fscr[1], fscr[2], fscr[3], fscr[4], fscr[5], fscr[6]
     for z in range(zones):
         for i in range(Gz):
             ranks[i] = z * Gz + i
@@ -277,7 +274,7 @@ def _swap_round(phy, holds, held, q, R, target, mean, S, Gz, o_cost, o_bal, sw, 
         Rh[c], Rl[c] = R[heavy[c]], R[light[c]]
         slot_h[c], dcost[c], moved[c] = -1, 0, 0.0
         if Rh[c] > cap:
-            ok, sh, sl, mv, dc = _best_swap(phy, holds, held, q, R, heavy[c], light[c], target, mean, S, qb, tb)
+            ok, sh, sl, mv, dc = _best_swap(phy, holds, held, q, R, heavy[c], light[c], target, mean, S, qb, tb, keys)
             if ok:
                 slot_h[c], slot_l[c], moved[c], dcost[c] = sh, sl, mv, dc
                 any_go = True
@@ -412,7 +409,7 @@ def search(w, old, start, pre, regroup, target, mean, G, Gz, max_splits, max_ret
     R = np.zeros(G)
     buf = np.zeros(max(S, 1))
     iscr = np.zeros((8, G), dtype=np.int64)
-    fscr = np.zeros((6, max(G, S)))
+    fscr = np.zeros((7, max(G, S)))
     hd = np.zeros((E, G), dtype=np.uint8)  # copies in the placement in force (0/1), zeroed after each row
     hr = np.zeros((E, G), dtype=np.int16)  # copies now, likewise
     pr = np.empty(P, dtype=np.int64)
