@@ -142,3 +142,43 @@ def test_without_a_writable_cache_the_loops_compile_in_memory_and_say_so():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.startswith("True compiled (numba "), out.stdout + out.stderr
     assert "not cached: no writable cache directory (set NUMBA_CACHE_DIR)" in out.stdout
+
+
+def test_sums_are_numpys_for_any_length():
+    """Rank loads are summed in numpy's pairwise order, including past its 128-value blocks (4096 experts on
+    8 ranks is 512 slots a rank)."""
+    from eplbd.policy.kernels import npsum
+
+    rng = np.random.default_rng(15)
+    for n in [*range(0, 140), 255, 256, 257, 511, 1000, 4099]:
+        x = rng.random((4, n)) * 10.0 ** rng.uniform(-3, 6, (4, n))
+        assert [npsum(row, n) for row in x] == list(x.sum(axis=1)), n
+
+
+def test_incremental_is_the_same_plan_with_hundreds_of_slots_a_rank(numpy_only):
+    rng = np.random.default_rng(16)
+    w0, w1 = rng.random((2, 2, 600)) * 10.0 ** rng.uniform(0, 6, (2, 2, 600))  # sums that depend on their order
+    old = rebalance_experts(w0, 640, 1, 1, 4)[0]
+    got, ref = _both(lambda: plan_incremental(w1, 640, 1, 1, 4, old), numpy_only)
+    assert torch.equal(got.phy2log, ref.phy2log) and np.array_equal(got.after, ref.after)
+
+
+def test_a_change_to_any_kernel_source_drops_every_cached_kernel(tmp_path):
+    """numba checks only a function's own file; a kernel also inlines other kernel modules' code and
+    constants. The stamp beside numba's index makes a cached kernel compiled from other sources recompile."""
+    (tmp_path / "kmod.py").write_text("from eplbd.policy.jit import njit\n\n@njit\ndef twice(x):\n    return 2 * x\n")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import kmod; kmod.twice(3); "
+            "print(kmod.twice.stats.cache_hits.get((kmod.twice.nopython_signatures[0].args), 0))")
+
+    def hits() -> int:
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                             timeout=120, check=True)
+        return int(out.stdout.split()[-1])
+
+    assert hits() == 0  # compiled, cached, stamped
+    assert hits() == 1  # loaded from the cache
+    stamp = tmp_path / "__pycache__" / "kmod.twice.eplbd-sources"
+    assert stamp.read_text() == jit._sources_digest()
+    stamp.write_text("compiled from other kernel sources")
+    assert hits() == 0  # flushed, compiled again
+    assert stamp.read_text() == jit._sources_digest()

@@ -14,7 +14,9 @@ of time (``make setup`` runs it; the daemon runs it on a worker thread at start)
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pathlib
 import threading
 from collections.abc import Callable
 
@@ -57,7 +59,43 @@ def njit(fn: Callable) -> Callable:
     import numba
 
     try:
-        return numba.njit(cache=True, nogil=True)(fn)
+        kernel = numba.njit(cache=True, nogil=True)(fn)
     except RuntimeError as exc:  # "cannot cache function ...: no locator available"
         _state["uncached"] = str(exc)
         return numba.njit(nogil=True)(fn)
+    _forget_if_sources_changed(kernel, fn)
+    return kernel
+
+
+# numba keys a function's cached machine code on its own file only, but a kernel inlines the kernels and
+# constants it uses from the other kernel modules: a change to any of them must drop every cached kernel.
+_KERNEL_SOURCES = ("jit.py", "kernels.py", "incremental_search.py", "incremental_layout.py")
+
+
+def _sources_digest() -> str:
+    if "digest" not in _state:
+        h = hashlib.sha256()
+        for name in _KERNEL_SOURCES:
+            h.update(pathlib.Path(__file__).with_name(name).read_bytes())
+        _state["digest"] = h.hexdigest()
+    return str(_state["digest"])
+
+
+def _forget_if_sources_changed(kernel: Callable, fn: Callable) -> None:
+    """Flush ``kernel``'s on-disk cache unless it was compiled from the kernel sources as they are now (a
+    stamp per function next to numba's index records which)."""
+    path = kernel._cache.cache_path  # noqa: SLF001 - numba's cache object is the only handle on it
+    if path is None:
+        return
+    stamp = pathlib.Path(path) / f"{fn.__module__}.{fn.__qualname__}.eplbd-sources"
+    digest = _sources_digest()
+    try:
+        if stamp.read_text() == digest:
+            return
+    except OSError:
+        pass
+    kernel._cache.flush()  # noqa: SLF001
+    try:
+        stamp.write_text(digest)
+    except OSError:  # a read-only cache: it is flushed again next time, and compiled again
+        pass

@@ -13,28 +13,60 @@ from eplbd.policy.jit import njit
 
 @njit
 def npsum(a: np.ndarray, n: int) -> float:
-    """``a[:n].sum()`` in numpy's order (pairwise: 8 running sums for n >= 8), so results are equal bit for bit."""
+    """``a[:n].sum()`` in numpy's order, so results are equal bit for bit: numpy's pairwise summation (blocks
+    of up to 128 values, longer runs halved, the first half a multiple of 8), added to the identity 0.0.
+    Evaluated with an explicit stack (numba's on-disk cache does not take recursive functions)."""
+    if n <= 128:
+        return 0.0 + _block(a, 0, n)
+    ops = np.empty((192, 3), dtype=np.int64)  # (lo, n, 0: sum it / 1: add the last two sums)
+    vals = np.empty(64)
+    top, nv = 0, 0
+    ops[0, 0], ops[0, 1], ops[0, 2] = 0, n, 0
+    while top >= 0:
+        lo, m, combine = ops[top, 0], ops[top, 1], ops[top, 2]
+        top -= 1
+        if combine:
+            vals[nv - 2] = vals[nv - 2] + vals[nv - 1]
+            nv -= 1
+        elif m <= 128:
+            vals[nv] = _block(a, lo, m)
+            nv += 1
+        else:
+            m2 = m // 2
+            m2 -= m2 % 8
+            ops[top + 1, 0], ops[top + 1, 1], ops[top + 1, 2] = 0, 0, 1
+            ops[top + 2, 0], ops[top + 2, 1], ops[top + 2, 2] = lo + m2, m - m2, 0
+            ops[top + 3, 0], ops[top + 3, 1], ops[top + 3, 2] = lo, m2, 0
+            top += 3
+    return 0.0 + vals[0]
+
+
+@njit
+def _block(a, lo, n):  # noqa: ANN001, ANN202
+    """numpy's ``pairwise_sum`` of ``a[lo:lo + n]`` for ``n <= 128``: a plain loop under 8 values, else 8
+    running sums."""
     if n < 8:
-        s = 0.0
-        for i in range(n):
+        s = -0.0
+        for i in range(lo, lo + n):
             s += a[i]
         return s
-    r0, r1, r2, r3, r4, r5, r6, r7 = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
     i = 8
     stop = n - n % 8
     while i < stop:
-        r0 += a[i]
-        r1 += a[i + 1]
-        r2 += a[i + 2]
-        r3 += a[i + 3]
-        r4 += a[i + 4]
-        r5 += a[i + 5]
-        r6 += a[i + 6]
-        r7 += a[i + 7]
+        r0 += a[lo + i]
+        r1 += a[lo + i + 1]
+        r2 += a[lo + i + 2]
+        r3 += a[lo + i + 3]
+        r4 += a[lo + i + 4]
+        r5 += a[lo + i + 5]
+        r6 += a[lo + i + 6]
+        r7 += a[lo + i + 7]
         i += 8
     s = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
     while i < n:
-        s += a[i]
+        s += a[lo + i]
         i += 1
     return s
 
