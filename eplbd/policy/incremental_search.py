@@ -7,10 +7,10 @@ round ``k`` pair ``c``), so :func:`search` records each row's events at their gl
 options come out as the numpy reference (:class:`~eplbd.policy.incremental_layout._Layout`, all rows in
 lock step) makes them.
 
-Sums of loads are taken in numpy's order (:func:`~eplbd.policy.kernels.npsum`, pairwise), so a rank's load here is the same
-float as numpy computes from the same slots. Where several candidates tie on every key, the lowest
-index wins (the first in slot order); the D lightest donor slots of a retarget are taken in
-(load, slot) order.
+Sums of loads are taken in numpy's order (:func:`~eplbd.policy.kernels.npsum`, pairwise), so a rank's
+load here is the same float as numpy computes from the same slots. Where several candidates tie on every
+key, the lowest index wins (the first in slot order); the D lightest donor slots of a retarget are taken
+in (load, slot) order.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _split(w, phy, holds, cnt, q, R, target, S, Gz, buf):  # noqa: ANN001, ANN20
     for p in range(P):
         if q[phy[p]] > qy:
             top, qy = p, q[phy[p]]
-    # The S - 1 smallest items, ascending (a sorted buffer: S is small), summed in numpy's order.
+    # The S - 1 smallest items, ascending (an insertion-sorted buffer), summed in numpy's order.
     m, n = S - 1, 0
     for p in range(P):
         v = q[phy[p]]
