@@ -5,6 +5,8 @@ price per moved slot).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from eplbd.policy import jit
@@ -90,34 +92,15 @@ def _pick(cost: np.ndarray, bal: np.ndarray, budget: int | None, goal: float) ->
     lay = np.arange(cost.shape[1])
     # [layers, options], contiguous per layer (the bisection's argmax runs along the options).
     cost_t, bal_t = np.ascontiguousarray(cost.T), np.ascontiguousarray(bal.T)
-    cost_f, tie, buf = cost_t.astype(np.float64), 1e-12 * cost_t, np.empty(cost_t.shape)
-
-    def at(price: float) -> np.ndarray:  # (bal - price * cost - tie).argmax(axis=0), in place
-        np.multiply(cost_f, price, out=buf)
-        np.subtract(bal_t, buf, out=buf)
-        np.subtract(buf, tie, out=buf)
-        return buf.argmax(axis=1)
-
-    def fits(p: np.ndarray) -> bool:
-        return bool(cost_t[lay, p].sum() <= budget) if budget is not None else bool(bal_t[lay, p].sum() >= goal)
-
     if jit.enabled():
         from eplbd.policy.kernels import pick_at, pick_bisect
 
         at = lambda price: pick_at(cost_t, bal_t, price)  # noqa: E731
-        at_zero, cheap, dear = pick_bisect(cost_t, bal_t, -1 if budget is None else budget, goal, budget is not None)
-        if at_zero:
-            return at(0.0)
+        decided, cheap, dear = pick_bisect(cost_t, bal_t, -1 if budget is None else budget, goal, budget is not None)
     else:
-        if fits(at(0.0)) == (budget is not None):  # the budget buys the best, or the goal is out of reach
-            return at(0.0)
-        cheap, dear = 1.0, 0.0  # prices: at(cheap) fits the budget / misses the goal, at(dear) the opposite
-        for _ in range(32):  # to 2e-10 of balancedness per slot
-            mid = 0.5 * (cheap + dear)
-            if fits(at(mid)) == (budget is not None):
-                cheap = mid
-            else:
-                dear = mid
+        at, decided, cheap, dear = _bisect(cost_t, bal_t, budget, goal)
+    if decided:  # the budget buys the best, or the goal is out of reach
+        return at(0.0)
     lo, hi = at(cheap), at(dear)  # lo: fewer moves; hi: more
     extra = cost[hi, lay] - cost[lo, lay]
     more = bal[hi, lay] - bal[lo, lay]
@@ -136,3 +119,31 @@ def _pick(cost: np.ndarray, bal: np.ndarray, budget: int | None, goal: float) ->
     drop = diff[np.cumsum(more[diff]) <= slack]
     out[drop] = lo[drop]
     return out
+
+
+def _bisect(cost_t: np.ndarray, bal_t: np.ndarray, budget: int | None,
+            goal: float) -> tuple[Callable[[float], np.ndarray], bool, float, float]:
+    """The price bisection of :func:`_pick` in numpy: ``(at, decided at price 0, cheap, dear)``, ``at(price)``
+    being each layer's option with the most ``bal - price * cost`` (the first among equals)."""
+    lay = np.arange(cost_t.shape[0])
+    cost_f, tie, buf = cost_t.astype(np.float64), 1e-12 * cost_t, np.empty(cost_t.shape)
+
+    def at(price: float) -> np.ndarray:  # (bal - price * cost - tie).argmax(axis=1), in place
+        np.multiply(cost_f, price, out=buf)
+        np.subtract(bal_t, buf, out=buf)
+        np.subtract(buf, tie, out=buf)
+        return buf.argmax(axis=1)
+
+    def fits(p: np.ndarray) -> bool:
+        return bool(cost_t[lay, p].sum() <= budget) if budget is not None else bool(bal_t[lay, p].sum() >= goal)
+
+    if fits(at(0.0)) == (budget is not None):
+        return at, True, 0.0, 0.0
+    cheap, dear = 1.0, 0.0  # prices: at(cheap) fits the budget / misses the goal, at(dear) the opposite
+    for _ in range(32):  # to 2e-10 of balancedness per slot
+        mid = 0.5 * (cheap + dear)
+        if fits(at(mid)) == (budget is not None):
+            cheap = mid
+        else:
+            dear = mid
+    return at, False, cheap, dear

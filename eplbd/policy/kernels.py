@@ -73,7 +73,8 @@ def _block(a, lo, n):  # noqa: ANN001, ANN202
 
 @njit
 def pack_sorted(sorted_w, num_packs, per_pack):  # noqa: ANN001, ANN202
-    """The greedy loop of :func:`balanced_packing` on items already in order: pack and rank of each."""
+    """:func:`eplbd.policy.default._pack_sorted` (the greedy loop of ``balanced_packing`` on items already in
+    order: pack and rank of each), one row at a time."""
     num_rows, num_items = sorted_w.shape
     pack_sorted = np.empty((num_rows, num_items), dtype=np.int64)
     rank_sorted = np.empty((num_rows, num_items), dtype=np.int64)
@@ -93,6 +94,7 @@ def pack_sorted(sorted_w, num_packs, per_pack):  # noqa: ANN001, ANN202
 
 @njit
 def replicate(weight, num_phy):  # noqa: ANN001, ANN202
+    """:func:`eplbd.policy.default.replicate_experts`, one row at a time."""
     num_rows, num_log = weight.shape
     phy2log = np.empty((num_rows, num_phy), dtype=np.int64)
     logcnt = np.ones((num_rows, num_log), dtype=np.int64)
@@ -111,8 +113,9 @@ def replicate(weight, num_phy):  # noqa: ANN001, ANN202
 
 @njit
 def assign(cost):  # noqa: ANN001, ANN202
-    """Each problem of ``cost`` [batch, n, n] in turn: a warm start, then the rows it left unmatched (last
-    row first), one shortest augmenting path each (Dijkstra on reduced costs, with potentials)."""
+    """:func:`eplbd.policy.matching.assignment_batch`, each problem of ``cost`` [batch, n, n] in turn: a warm
+    start, then the rows it left unmatched (last row first), one shortest augmenting path each (Dijkstra on
+    reduced costs, with potentials)."""
     batch, n, _ = cost.shape
     n1 = n + 1
     col = np.empty((batch, n), dtype=np.int64)
@@ -190,12 +193,12 @@ def assign(cost):  # noqa: ANN001, ANN202
 
 @njit
 def greedy_matching(val, rounds):  # noqa: ANN001, ANN202
+    """:func:`eplbd.policy.incremental_budget._greedy_value`, one problem at a time: per round each free row
+    bids for its first best free column, each column keeps its highest bidder (the lowest row among equals)."""
     batch, n, _ = val.shape
     total = np.zeros(batch)
     row_free = np.empty(n, dtype=np.bool_)
     col_free = np.empty(n, dtype=np.bool_)
-    want = np.empty(n, dtype=np.int64)
-    bid = np.empty(n)
     best = np.empty(n)
     winner = np.empty(n, dtype=np.int64)
     for b in range(batch):
@@ -211,10 +214,7 @@ def greedy_matching(val, rounds):  # noqa: ANN001, ANN202
                 for c in range(n):
                     if col_free[c] and val[b, r, c] > v_best:
                         c_best, v_best = c, val[b, r, c]
-                if c_best < 0:
-                    continue
-                want[r], bid[r] = c_best, v_best
-                if v_best > best[c_best]:  # rows in order: the lowest row keeps an equal bid
+                if c_best >= 0 and v_best > best[c_best]:  # rows in order: the lowest row keeps an equal bid
                     best[c_best], winner[c_best] = v_best, r
             any_win = False
             for c in range(n):
@@ -230,6 +230,7 @@ def greedy_matching(val, rounds):  # noqa: ANN001, ANN202
 
 @njit
 def project(w, old, target, num_gpus, zones):  # noqa: ANN001, ANN202
+    """:func:`eplbd.policy.incremental_project._project`, one (layer, zone) at a time."""
     layers, P = old.shape
     E = w.shape[1]
     N, Gz = P // zones, num_gpus // zones
@@ -289,7 +290,7 @@ def project(w, old, target, num_gpus, zones):  # noqa: ANN001, ANN202
 @njit
 def pick_at(cost_t, bal_t, price):  # noqa: ANN001, ANN202
     """Per layer, the option with the most ``bal - price * cost - 1e-12 * cost`` (the first among equals):
-    ``at`` of :func:`eplbd.policy.incremental_budget._pick`."""
+    ``at`` of :func:`eplbd.policy.incremental_budget._bisect`."""
     L, K = cost_t.shape
     out = np.zeros(L, dtype=np.int64)
     for layer in range(L):
@@ -318,7 +319,7 @@ def _fits(cost_t, bal_t, pick, budget, goal, use_budget):  # noqa: ANN001, ANN20
 
 @njit
 def pick_bisect(cost_t, bal_t, budget, goal, use_budget):  # noqa: ANN001, ANN202
-    """The price bisection of :func:`eplbd.policy.incremental_budget._pick`: (decided at price 0, cheap, dear)."""
+    """:func:`eplbd.policy.incremental_budget._bisect`: (decided at price 0, cheap, dear)."""
     if _fits(cost_t, bal_t, pick_at(cost_t, bal_t, 0.0), budget, goal, use_budget) == use_budget:
         return True, 0.0, 0.0
     cheap, dear = 1.0, 0.0
