@@ -182,3 +182,19 @@ def test_a_change_to_any_kernel_source_drops_every_cached_kernel(tmp_path):
     stamp.write_text("compiled from other kernel sources")
     assert hits() == 0  # flushed, compiled again
     assert stamp.read_text() == jit._sources_digest()
+
+
+def test_a_kernel_that_cannot_compile_leaves_the_policies_on_numpy(monkeypatch):
+    """numba importable but failing to build a kernel (an unsupported machine): the warm-up the daemon runs at
+    start switches the process to the numpy references, and plans go on."""
+    import eplbd.policy.kernels as kernels
+
+    def broken(*args):  # noqa: ANN002, ANN202
+        raise RuntimeError("LLVM cannot build for this CPU")
+
+    monkeypatch.setattr(jit, "_state", dict(jit._state))
+    monkeypatch.setattr(kernels, "pack_sorted", broken)
+    assert warm() == "numpy (compiling the policy loops failed: RuntimeError: LLVM cannot build for this CPU)"
+    assert not jit.enabled()
+    w = np.arange(32).reshape(2, 16)
+    assert plan_incremental(w[::-1].copy(), 24, 4, 2, 8, rebalance_experts(w, 24, 4, 2, 8)[0]).moved.sum() >= 0

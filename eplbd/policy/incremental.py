@@ -325,14 +325,18 @@ def _predicted(w: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
 
 def warm() -> str:
     """Compile (or load from numba's cache) every compiled loop of ``default`` and ``incremental``, with the
-    argument types the policies use; returns :func:`eplbd.policy.jit.reason`."""
+    argument types the policies use; returns :func:`eplbd.policy.jit.reason`. Where compiling fails (numba
+    present but unable to build for this machine), the process falls back to the numpy references."""
     if jit.enabled():
-        rng = np.random.default_rng(0)
-        for groups, nodes in ((4, 2), (1, 1)):
-            w = rng.integers(1, 100, (2, 16))
-            old = rebalance_experts(w, 24, groups, nodes, 8)[0]
-            plan_incremental(w[::-1].copy(), 24, groups, nodes, 8, old)
-            plan_incremental(w[::-1].copy(), 24, groups, nodes, 8, old, move_budget=2)
+        try:
+            rng = np.random.default_rng(0)
+            for groups, nodes in ((4, 2), (1, 1)):
+                w = rng.integers(1, 100, (2, 16))
+                old = rebalance_experts(w, 24, groups, nodes, 8)[0]
+                plan_incremental(w[::-1].copy(), 24, groups, nodes, 8, old)
+                plan_incremental(w[::-1].copy(), 24, groups, nodes, 8, old, move_budget=2)
+        except Exception as exc:  # noqa: BLE001 - whatever numba raises, numpy plans the same
+            jit.disable(f"numpy (compiling the policy loops failed: {type(exc).__name__}: {exc})")
     return jit.reason()
 
 

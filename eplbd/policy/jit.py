@@ -41,6 +41,12 @@ def reason() -> str:
     return str(_state["why"])
 
 
+def disable(why: str) -> None:
+    """Run every policy on numpy from now on, in this process (``why`` becomes :func:`reason`)."""
+    with _lock:
+        _state["on"], _state["why"] = False, why
+
+
 def _probe() -> tuple[bool, str]:
     if os.environ.get("EPLBD_NO_JIT", "") not in ("", "0"):
         return False, "numpy (EPLBD_NO_JIT is set)"
