@@ -198,3 +198,22 @@ def test_a_kernel_that_cannot_compile_leaves_the_policies_on_numpy(monkeypatch):
     assert not jit.enabled()
     w = np.arange(32).reshape(2, 16)
     assert plan_incremental(w[::-1].copy(), 24, 4, 2, 8, rebalance_experts(w, 24, 4, 2, 8)[0]).moved.sum() >= 0
+
+
+def test_the_budget_pick_is_the_same_compiled_and_in_numpy(numpy_only):
+    """The compiled pick skips options an earlier one dominates; on random option tables with many equal
+    costs and balances (and repeated options, as the search's are) it picks what the numpy bisection picks."""
+    from eplbd.policy.incremental_budget import _pick
+
+    rng = np.random.default_rng(17)
+    for _ in range(300):
+        layers, options = int(rng.integers(1, 8)), int(rng.integers(1, 40))
+        cost = rng.integers(0, 6, (options, layers))
+        bal = np.round(rng.random((options, layers)), 1)  # many equal balances, and dominated options
+        again = np.flatnonzero(rng.random(options) < 0.3)
+        again = again[again > 0]
+        cost[again], bal[again] = cost[again - 1], bal[again - 1]  # repeated options
+        total = int(cost.sum(axis=1).max())
+        for budget, goal in ((None, float(bal.sum(axis=1).mean())), (int(rng.integers(0, total + 1)), 0.0)):
+            got, ref = _both(lambda: _pick(cost, bal, budget, goal), numpy_only)
+            assert np.array_equal(got, ref), (cost, bal, budget, goal)

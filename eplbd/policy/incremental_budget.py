@@ -93,10 +93,12 @@ def _pick(cost: np.ndarray, bal: np.ndarray, budget: int | None, goal: float) ->
     # [layers, options], contiguous per layer (the bisection's argmax runs along the options).
     cost_t, bal_t = np.ascontiguousarray(cost.T), np.ascontiguousarray(bal.T)
     if jit.enabled():
-        from eplbd.policy.kernels import pick_at, pick_bisect
+        from eplbd.policy.kernels import pick_at, pick_bisect, pick_options
 
-        at = lambda price: pick_at(cost_t, bal_t, price)  # noqa: E731
-        decided, cheap, dear = pick_bisect(cost_t, bal_t, -1 if budget is None else budget, goal, budget is not None)
+        idx, n_kept = pick_options(cost_t, bal_t)
+        at = lambda price: pick_at(cost_t, bal_t, idx, n_kept, price)  # noqa: E731
+        decided, cheap, dear = pick_bisect(cost_t, bal_t, idx, n_kept, -1 if budget is None else budget, goal,
+                                           budget is not None)
     else:
         at, decided, cheap, dear = _bisect(cost_t, bal_t, budget, goal)
     if decided:  # the budget buys the best, or the goal is out of reach

@@ -288,17 +288,37 @@ def project(w, old, target, num_gpus, zones):  # noqa: ANN001, ANN202
 
 
 @njit
-def pick_at(cost_t, bal_t, price):  # noqa: ANN001, ANN202
-    """Per layer, the option with the most ``bal - price * cost - 1e-12 * cost`` (the first among equals):
-    ``at`` of :func:`eplbd.policy.incremental_budget._bisect`."""
+def pick_options(cost_t, bal_t):  # noqa: ANN001, ANN202
+    """Per layer, the options that can be the first best for some price >= 0: an option that costs no less
+    and balances no better than an earlier one never is (rounding is monotone, and the earlier one wins
+    ties). Returns (indices [layers, options], count per layer); on the search's options about 1 in 10."""
     L, K = cost_t.shape
+    idx = np.empty((L, K), dtype=np.int64)
+    n_kept = np.zeros(L, dtype=np.int64)
+    for layer in range(L):
+        last = -1
+        for k in range(K):
+            if last >= 0 and cost_t[layer, last] <= cost_t[layer, k] and bal_t[layer, last] >= bal_t[layer, k]:
+                continue
+            idx[layer, n_kept[layer]] = k
+            n_kept[layer] += 1
+            last = k
+    return idx, n_kept
+
+
+@njit
+def pick_at(cost_t, bal_t, idx, n_kept, price):  # noqa: ANN001, ANN202
+    """Per layer, the option with the most ``bal - price * cost - 1e-12 * cost`` (the first among equals),
+    among those :func:`pick_options` kept: ``at`` of :func:`eplbd.policy.incremental_budget._bisect`."""
+    L = cost_t.shape[0]
     out = np.zeros(L, dtype=np.int64)
     for layer in range(L):
         best = -np.inf
-        for k in range(K):
+        for n in range(n_kept[layer]):
+            k = idx[layer, n]
             c = np.float64(cost_t[layer, k])
             v = (bal_t[layer, k] - c * price) - 1e-12 * c
-            if v > best or k == 0:
+            if v > best or n == 0:
                 best, out[layer] = v, k
     return out
 
@@ -318,14 +338,14 @@ def _fits(cost_t, bal_t, pick, budget, goal, use_budget):  # noqa: ANN001, ANN20
 
 
 @njit
-def pick_bisect(cost_t, bal_t, budget, goal, use_budget):  # noqa: ANN001, ANN202
+def pick_bisect(cost_t, bal_t, idx, n_kept, budget, goal, use_budget):  # noqa: ANN001, ANN202
     """:func:`eplbd.policy.incremental_budget._bisect`: (decided at price 0, cheap, dear)."""
-    if _fits(cost_t, bal_t, pick_at(cost_t, bal_t, 0.0), budget, goal, use_budget) == use_budget:
+    if _fits(cost_t, bal_t, pick_at(cost_t, bal_t, idx, n_kept, 0.0), budget, goal, use_budget) == use_budget:
         return True, 0.0, 0.0
     cheap, dear = 1.0, 0.0
     for _ in range(32):
         mid = 0.5 * (cheap + dear)
-        if _fits(cost_t, bal_t, pick_at(cost_t, bal_t, mid), budget, goal, use_budget) == use_budget:
+        if _fits(cost_t, bal_t, pick_at(cost_t, bal_t, idx, n_kept, mid), budget, goal, use_budget) == use_budget:
             cheap = mid
         else:
             dear = mid
