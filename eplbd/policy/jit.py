@@ -9,7 +9,7 @@ with the same results. ``EPLBD_NO_JIT=1`` chooses numpy on purpose.
 Compiled code is cached on disk next to the modules, or in ``NUMBA_CACHE_DIR`` (numba's ``cache=True``;
 the container image points it at ``/tmp``, its root file system being read-only), so only the first
 process after an install compiles (about 10 s on a small machine); :func:`eplbd.policy.incremental.warm` does it ahead
-of time (``make setup`` runs it; the daemon runs it on a worker thread at start).
+of time (``make test`` runs it; the daemon runs it on a worker thread at start).
 """
 
 from __future__ import annotations
