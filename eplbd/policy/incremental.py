@@ -76,7 +76,7 @@ import torch
 
 from eplbd.errors import PolicyError
 from eplbd.policy import jit
-from eplbd.policy.balance import predicted_balancedness
+from eplbd.policy.balance import _balancedness, predicted_balancedness
 from eplbd.policy.default import as_float32, check_args, check_weight, plan_checked, rebalance_experts
 from eplbd.policy.incremental_budget import _pick, _replan_cost
 from eplbd.policy.incremental_layout import _TIE, _copies, _Layout, _moved, _Options
@@ -172,9 +172,7 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
         from eplbd.policy.incremental_search import moved_slots, rank_loads
 
         R_old = rank_loads(w, old, num_gpus)
-        mean = R_old.mean(axis=1)
-        peak = R_old.max(axis=1)
-        before = np.where(peak > 0, mean / np.where(peak > 0, peak, 1.0), 1.0)
+        mean, before = R_old.mean(axis=1), _balancedness(R_old)
         held = None
     else:
         holds = _copies(old, num_gpus, num_logical)
@@ -318,9 +316,7 @@ def _predicted(w: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
         return predicted_balancedness(w, phy2log, num_gpus).numpy()
     from eplbd.policy.incremental_search import rank_loads
 
-    R = rank_loads(w, np.ascontiguousarray(phy2log, dtype=np.int64), num_gpus)
-    peak, mean = R.max(axis=1), R.mean(axis=1)
-    return np.where(peak > 0, mean / np.where(peak > 0, peak, 1.0), 1.0)
+    return _balancedness(rank_loads(w, np.ascontiguousarray(phy2log, dtype=np.int64), num_gpus))
 
 
 def warm() -> str:
