@@ -72,42 +72,94 @@ def _block(a, lo, n):  # noqa: ANN001, ANN202
 
 
 @njit
+def _tree_build(val, tree, leaves, lowest):  # noqa: ANN001, ANN202
+    """A tournament tree over ``val``: ``tree[1]`` is the index of the first smallest (``lowest``) or first
+    largest value, as numpy's ``argmin`` / ``argmax`` (each node keeps its left child's winner on equal
+    values, and the left subtree holds the lower indices). ``leaves`` is a power of two >= ``val.size``;
+    leaves past the end hold index -1 and never win. ``tree`` has ``2 * leaves`` entries."""
+    n = val.shape[0]
+    for i in range(leaves):
+        tree[leaves + i] = i if i < n else -1
+    for node in range(leaves - 1, 0, -1):
+        tree[node] = _winner(val, tree[2 * node], tree[2 * node + 1], lowest)
+
+
+@njit
+def _winner(val, a, b, lowest):  # noqa: ANN001, ANN202
+    if b < 0:
+        return a
+    if a < 0:
+        return b
+    if lowest:
+        return a if not val[b] < val[a] else b
+    return a if not val[b] > val[a] else b
+
+
+@njit
+def _tree_update(val, tree, leaves, i, lowest):  # noqa: ANN001, ANN202
+    """``val[i]`` changed: replay the matches on its way to the root."""
+    node = (leaves + i) >> 1
+    while node >= 1:
+        tree[node] = _winner(val, tree[2 * node], tree[2 * node + 1], lowest)
+        node >>= 1
+
+
+@njit
+def _leaves(n):  # noqa: ANN001, ANN202
+    leaves = 1
+    while leaves < n:
+        leaves *= 2
+    return leaves
+
+
+@njit
 def pack_sorted(sorted_w, num_packs, per_pack):  # noqa: ANN001, ANN202
     """:func:`eplbd.policy.default._pack_sorted` (the greedy loop of ``balanced_packing`` on items already in
-    order: pack and rank of each), one row at a time."""
+    order: pack and rank of each), one row at a time; the first lightest pack (``argmin``; a full one holds
+    +inf) from a tournament tree, updated where one pack changed."""
     num_rows, num_items = sorted_w.shape
     pack_sorted = np.empty((num_rows, num_items), dtype=np.int64)
     rank_sorted = np.empty((num_rows, num_items), dtype=np.int64)
     pack_w = np.empty(num_packs)
     pack_n = np.empty(num_packs, dtype=np.int64)
+    leaves = _leaves(num_packs)
+    tree = np.empty(2 * leaves, dtype=np.int64)
     for r in range(num_rows):
         pack_w[:] = 0.0
         pack_n[:] = 0
+        _tree_build(pack_w, tree, leaves, True)
         for k in range(num_items):
-            pack = np.argmin(pack_w)  # the first lightest; a full pack holds +inf
+            pack = tree[1]
             pack_sorted[r, k] = pack
             rank_sorted[r, k] = pack_n[pack]
             pack_n[pack] += 1
             pack_w[pack] = np.inf if pack_n[pack] == per_pack else pack_w[pack] + np.float64(sorted_w[r, k])
+            _tree_update(pack_w, tree, leaves, pack, True)
     return pack_sorted, rank_sorted
 
 
 @njit
 def replicate(weight, num_phy):  # noqa: ANN001, ANN202
-    """:func:`eplbd.policy.default.replicate_experts`, one row at a time."""
+    """:func:`eplbd.policy.default.replicate_experts`, one row at a time; the first heaviest per-replica load
+    (``argmax``) from a tournament tree."""
     num_rows, num_log = weight.shape
     phy2log = np.empty((num_rows, num_phy), dtype=np.int64)
     logcnt = np.ones((num_rows, num_log), dtype=np.int64)
     load = np.empty((num_rows, num_log))
+    leaves = _leaves(num_log)
+    tree = np.empty(2 * leaves, dtype=np.int64)
     for r in range(num_rows):
         for e in range(num_log):
             phy2log[r, e] = e
             load[r, e] = np.float64(weight[r, e])
+        if num_phy > num_log:
+            _tree_build(load[r], tree, leaves, False)
         for i in range(num_log, num_phy):
-            expert = np.argmax(load[r])  # the first heaviest per-replica load
+            expert = tree[1]
             phy2log[r, i] = expert
             logcnt[r, expert] += 1
             load[r, expert] = np.float64(weight[r, expert]) / logcnt[r, expert]
+            _tree_update(load[r], tree, leaves, expert, False)
     return phy2log, load, logcnt
 
 
