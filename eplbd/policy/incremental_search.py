@@ -37,6 +37,21 @@ def _refresh(w, phy, cnt, q, R, S, buf):  # noqa: ANN001, ANN202
 
 
 @njit
+def _recount(w, phy, holds, cnt, q, R, S, a, b, buf):  # noqa: ANN001, ANN202
+    """After one slot changed from expert ``a`` to ``b``: the counts, per-replica loads and the loads of the
+    ranks holding either, each rank's load summed afresh (as :func:`_refresh` sums it)."""
+    cnt[a] -= 1
+    cnt[b] += 1
+    q[a] = w[a] / max(cnt[a], 1)
+    q[b] = w[b] / max(cnt[b], 1)
+    for g in range(R.shape[0]):
+        if holds[a, g] > 0 or holds[b, g] > 0:
+            for s in range(S):
+                buf[s] = q[phy[g * S + s]]
+            R[g] = npsum(buf, S)
+
+
+@njit
 def _balancedness(mean: float, R: np.ndarray) -> float:
     peak = R.max()
     return mean / peak if peak > 0 else 1.0
@@ -46,9 +61,10 @@ def _balancedness(mean: float, R: np.ndarray) -> float:
 def _spent(phy, held, S):  # noqa: ANN001, ANN202
     """Slots holding an expert their rank did not hold in the old placement."""
     n = 0
-    for p in range(phy.shape[0]):
-        if held[phy[p], p // S] == 0:
-            n += 1
+    for g in range(phy.shape[0] // S):
+        for p in range(g * S, g * S + S):
+            if held[phy[p], g] == 0:
+                n += 1
     return n
 
 
@@ -88,28 +104,32 @@ def _split(w, phy, holds, cnt, q, R, target, S, Gz, buf):  # noqa: ANN001, ANN20
         return -1, -1
     G = R.shape[0]
     zones = G // Gz
-    y_zone = np.zeros(zones, dtype=np.bool_)
-    rank_has_y = np.zeros(G, dtype=np.bool_)
-    for p in range(P):
-        if phy[p] == y:
-            y_zone[(p // S) // Gz] = True
-            rank_has_y[p // S] = True
     qy_new = w[y] / (cnt[y] + 1)
     best, best_key = -1, np.inf
-    for p in range(P):
-        x = phy[p]
-        cx = cnt[x]
-        if cx < 2 or x == y or rank_has_y[p // S] or not y_zone[(p // S) // Gz]:
+    for z in range(zones):
+        y_here = False
+        for g in range(z * Gz, z * Gz + Gz):
+            y_here |= holds[y, g] > 0
+        if not y_here:
             continue
-        if not w[x] / max(cx - 1, 1) < qy * (1 - _TIE):
-            continue
-        key = R[p // S] - q[x] + qy_new
-        if key < best_key:
-            best, best_key = p, key
+        for g in range(z * Gz, z * Gz + Gz):
+            if holds[y, g] > 0:
+                continue
+            for p in range(g * S, g * S + S):
+                x = phy[p]
+                cx = cnt[x]
+                if cx < 2 or x == y:
+                    continue
+                if not w[x] / max(cx - 1, 1) < qy * (1 - _TIE):
+                    continue
+                key = R[g] - q[x] + qy_new
+                if key < best_key:
+                    best, best_key = p, key
     if best < 0 or not np.isfinite(best_key):
         return -1, -1
+    x = phy[best]
     _move(phy, holds, best, y, S)
-    _refresh(w, phy, cnt, q, R, S, buf)
+    _recount(w, phy, holds, cnt, q, R, S, x, y, buf)
     return best, y
 
 
@@ -138,30 +158,36 @@ def _retarget(w, phy, holds, held, cnt, q, R, target, mean, S, Gz, buf):  # noqa
     goal = max(target, second) * (1 + _TIE)
     # Donor slots: an expert with a spare replica, once on its rank, in the heavy rank's zone.
     top = np.full(E, -np.inf)
-    for p in range(P):
-        if cnt[phy[p]] >= 2 and R[p // S] > top[phy[p]]:
-            top[phy[p]] = R[p // S]
+    for g in range(G):
+        Rg = R[g]
+        for p in range(g * S, g * S + S):
+            e = phy[p]
+            if cnt[e] >= 2 and Rg > top[e]:
+                top[e] = Rg
     D = min(_DONORS, P)
     cand = np.full(D, -1)
     cbase = np.full(D, np.inf)
     cother = np.zeros(D)
     zone_h = h // Gz
-    for p in range(P):
-        b, rk = phy[p], p // S
-        cb = cnt[b]
-        if cb < 2 or rk == h or rk // Gz != zone_h or holds[b, rk] != 1:
+    for rk in range(zone_h * Gz, zone_h * Gz + Gz):
+        if rk == h:
             continue
-        other = top[b] + (w[b] / max(cb - 1, 1) - q[b])  # conservative: the max over every holder
-        if not other <= cap:
-            continue
-        base = R[rk] - q[b]
-        if not base < cbase[D - 1]:
-            continue
-        k = D - 1  # insert, keeping (base, slot) order
-        while k > 0 and base < cbase[k - 1]:
-            cbase[k], cand[k], cother[k] = cbase[k - 1], cand[k - 1], cother[k - 1]
-            k -= 1
-        cbase[k], cand[k], cother[k] = base, p, other
+        for p in range(rk * S, rk * S + S):
+            b = phy[p]
+            cb = cnt[b]
+            if cb < 2 or holds[b, rk] != 1:
+                continue
+            other = top[b] + (w[b] / max(cb - 1, 1) - q[b])  # conservative: the max over every holder
+            if not other <= cap:
+                continue
+            base = R[rk] - q[b]
+            if not base < cbase[D - 1]:
+                continue
+            k = D - 1  # insert, keeping (base, slot) order
+            while k > 0 and base < cbase[k - 1]:
+                cbase[k], cand[k], cother[k] = cbase[k - 1], cand[k - 1], cother[k - 1]
+                k -= 1
+            cbase[k], cand[k], cother[k] = base, p, other
     cost_w = _COST_TIE * mean
     best_key, best_s, best_d = np.inf, -1, -1
     for s in range(S):
@@ -188,9 +214,10 @@ def _retarget(w, phy, holds, held, cnt, q, R, target, mean, S, Gz, buf):  # noqa
     if best_s < 0:
         return -1, -1, 0
     slot, x = cand[best_d], phy[h * S + best_s]
-    dc = np.int64(held[phy[slot], slot // S]) - np.int64(held[x, slot // S])
+    b = phy[slot]
+    dc = np.int64(held[b, slot // S]) - np.int64(held[x, slot // S])
     _move(phy, holds, slot, x, S)
-    _refresh(w, phy, cnt, q, R, S, buf)
+    _recount(w, phy, holds, cnt, q, R, S, b, x, buf)
     return slot, x, dc
 
 
@@ -236,16 +263,18 @@ def _best_swap(phy, holds, held, q, R, h, l, target, mean, S, qb, tb, keys):  # 
 
 
 @njit
-def _by_load(R, idx, n, out):  # noqa: ANN001, ANN202
+def _by_load(R, idx, n, out, vals):  # noqa: ANN001, ANN202
     """``out[:n]`` = ``idx[:n]`` by ``R[idx]`` descending, equal loads in ``idx`` order (numpy's stable
-    ``argsort(-R)``); insertion sort, ``n`` is small."""
+    ``argsort(-R)``): each one's place is the count of those before it (branch-free; ``n`` is small, a
+    zone's ranks). ``vals`` is scratch of ``n``."""
     for i in range(n):
-        v, x = R[idx[i]], idx[i]
-        k = i
-        while k > 0 and R[out[k - 1]] < v:
-            out[k] = out[k - 1]
-            k -= 1
-        out[k] = x
+        vals[i] = R[idx[i]]
+    for i in range(n):
+        v = vals[i]
+        pos = 0
+        for j in range(n):
+            pos += (vals[j] > v) | ((vals[j] == v) & (j < i))
+        out[pos] = idx[i]
 
 
 @njit
@@ -254,17 +283,17 @@ def _swap_round(phy, holds, held, q, R, target, mean, S, Gz, o_cost, o_bal, sw, 
     swap in every pair whose heavy rank is above ``target``. Writes the round's options (pairs by heavy
     load; ``o_cost``/``o_bal`` [pairs]) and swaps (``sw`` [pairs, 5]: option position or -1, heavy slot,
     light slot, expert to light, expert to heavy). Returns whether a swap was made. ``iscr`` [8, G] and
-    ``fscr`` [7, max(G, S)] are scratch."""
+    ``fscr`` [8, max(G, S)] are scratch."""
     G = R.shape[0]
     zones, half = G // Gz, Gz // 2
     npairs = zones * half
     heavy, light, slot_h, slot_l, dcost, by, order, ranks = (iscr[0], iscr[1], iscr[2], iscr[3], iscr[4], iscr[5],
                                                               iscr[6], iscr[7])
-    Rh, Rl, moved, rest, qb, tb, keys = fscr[0], fscr[1], fscr[2], fscr[3], fscr[4], fscr[5], fscr[6]
+    Rh, Rl, moved, rest, qb, tb, keys, vals = fscr[0], fscr[1], fscr[2], fscr[3], fscr[4], fscr[5], fscr[6], fscr[7]
     for z in range(zones):
         for i in range(Gz):
             ranks[i] = z * Gz + i
-        _by_load(R, ranks, Gz, order)
+        _by_load(R, ranks, Gz, order, vals)
         for i in range(half):
             heavy[z * half + i] = order[i]
             light[z * half + i] = order[Gz - 1 - i]
@@ -281,7 +310,7 @@ def _swap_round(phy, holds, held, q, R, target, mean, S, Gz, o_cost, o_bal, sw, 
     if zones > 1:
         for c in range(npairs):
             ranks[c] = c
-        _by_load(Rh, ranks, npairs, by)
+        _by_load(Rh, ranks, npairs, by, vals)
     else:  # one zone: pairs are already by heavy load
         for c in range(npairs):
             by[c] = c
@@ -293,7 +322,7 @@ def _swap_round(phy, holds, held, q, R, target, mean, S, Gz, o_cost, o_bal, sw, 
             if zones > 1:  # the middle rank of each zone
                 for i in range(Gz):
                     ranks[i] = z * Gz + i
-                _by_load(R, ranks, Gz, order)
+                _by_load(R, ranks, Gz, order, vals)
                 g = order[half]
             rest_unpaired = max(rest_unpaired, R[g])
     acc = -np.inf
@@ -356,20 +385,25 @@ def moved_slots(old, new, G):  # noqa: ANN001, ANN202
     hd = np.zeros((E, G), dtype=np.uint8)
     out = np.zeros(L, dtype=np.int64)
     for layer in range(L):
-        for p in range(P):
-            hd[old[layer, p], p // S] = 1
-        for p in range(P):
-            if hd[new[layer, p], p // S] == 0:
-                out[layer] += 1
-        for p in range(P):
-            hd[old[layer, p], p // S] = 0
+        _mark(old[layer], hd, S, 1)
+        out[layer] = _spent(new[layer], hd, S)
+        _mark(old[layer], hd, S, 0)
     return out
 
 
 @njit
+def _mark(phy, held, S, value):  # noqa: ANN001, ANN202
+    """``held[e, g] = value`` for every expert ``e`` on rank ``g`` in ``phy``."""
+    for g in range(phy.shape[0] // S):
+        for p in range(g * S, g * S + S):
+            held[phy[p], g] = value
+
+
+@njit
 def _fill_copies(phy, holds, S, sign):  # noqa: ANN001, ANN202
-    for p in range(phy.shape[0]):
-        holds[phy[p], p // S] += sign
+    for g in range(phy.shape[0] // S):
+        for p in range(g * S, g * S + S):
+            holds[phy[p], g] += sign
 
 
 @njit
@@ -409,15 +443,14 @@ def search(w, old, start, pre, regroup, target, mean, G, Gz, max_splits, max_ret
     R = np.zeros(G)
     buf = np.zeros(max(S, 1))
     iscr = np.zeros((8, G), dtype=np.int64)
-    fscr = np.zeros((7, max(G, S)))
+    fscr = np.zeros((8, max(G, S)))
     hd = np.zeros((E, G), dtype=np.uint8)  # copies in the placement in force (0/1), zeroed after each row
     hr = np.zeros((E, G), dtype=np.int16)  # copies now, likewise
     pr = np.empty(P, dtype=np.int64)
     for r in range(rows):
         lr = r % L
         wr, t, mean_r = w[lr], target[r], mean[r]
-        for p in range(P):
-            hd[old[lr, p], p // S] = 1
+        _mark(old[lr], hd, S, 1)
         pr[:] = start[r]
         _fill_copies(pr, hr, S, 1)
         _refresh(wr, pr, cnt, q, R, S, buf)
@@ -456,8 +489,7 @@ def search(w, old, start, pre, regroup, target, mean, G, Gz, max_splits, max_ret
                 if not made:
                     break
         _fill_copies(pr, hr, S, -1)
-        for p in range(P):
-            hd[old[lr, p], p // S] = 0
+        _mark(old[lr], hd, S, 0)
     return _assemble(base_cost, base_bal, n_split, split, split_bal, n_ret, ret, ret_bal, n_round, rnd_cost, rnd_bal,
                      rnd_sw)
 
