@@ -107,6 +107,33 @@ def test_incremental_is_the_same_plan_on_real_drift_at_deepseek_scale(numpy_only
         assert got.moved.sum() > 0
 
 
+def test_relabel_helpers_are_the_same_compiled_and_in_numpy(numpy_only):
+    """The rank overlap (ranks or nodes as units) and the in-rank slot order of a relabelled re-plan, on random
+    placements where a rank may hold an expert twice and an expert may be missing, and the re-plan relabelling
+    of ``default`` given the placement in force."""
+    from eplbd.policy.matching import keep_slots, rank_overlap
+    from eplbd.policy.placement import preserve_local_slots
+    from eplbd.policy.registry import get_policy
+
+    rng = np.random.default_rng(16)
+    for _ in range(300):
+        ranks = int(rng.choice([1, 2, 3, 4, 8]))
+        phys = ranks * int(rng.integers(1, 7))
+        experts = int(rng.integers(1, phys + 1))
+        layers = int(rng.integers(1, 4))
+        new = rng.integers(0, experts, (layers, phys))
+        old = rng.integers(0, experts, (layers, phys))
+        got, ref = _both(lambda: rank_overlap(new, old, ranks, experts), numpy_only)
+        assert got.dtype == ref.dtype == np.int64 and np.array_equal(got, ref)
+        got, ref = _both(lambda: keep_slots(new, old, ranks), numpy_only)
+        assert np.array_equal(got, ref) and np.array_equal(got, preserve_local_slots(new, old, ranks).numpy())
+    policy = get_policy("default")
+    for w0, w1, phys, groups, nodes, gpus in _shapes(rng, 150):
+        old = rebalance_experts(w0, phys, groups, nodes, gpus)[0]
+        got, ref = _both(lambda: policy.rebalance(w1, phys, groups, nodes, gpus, old), numpy_only)
+        assert torch.equal(got, ref), (phys, groups, nodes, gpus)
+
+
 def test_assignment_is_the_same_and_optimal_compiled_and_in_numpy(numpy_only):
     from itertools import permutations
 
@@ -193,7 +220,7 @@ def test_a_kernel_that_cannot_compile_leaves_the_policies_on_numpy(monkeypatch):
         raise RuntimeError("LLVM cannot build for this CPU")
 
     monkeypatch.setattr(jit, "_state", dict(jit._state))
-    monkeypatch.setattr(kernels, "pack_sorted", broken)
+    monkeypatch.setattr(kernels, "pack_ordered", broken)
     assert warm() == "numpy (compiling the policy loops failed: RuntimeError: LLVM cannot build for this CPU)"
     assert not jit.enabled()
     w = np.arange(32).reshape(2, 16)

@@ -64,13 +64,12 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
         return pack_index, np.zeros(weight.shape, dtype=np.int64)
 
     order = np.argsort(-weight, axis=-1)  # vLLM's call: its tie order is part of the result
-    sorted_w = np.take_along_axis(weight, order, axis=1)
     if jit.enabled():
-        from eplbd.policy.kernels import pack_sorted
+        from eplbd.policy.kernels import pack_ordered
 
-        pack_sorted_t, rank_sorted_t = pack_sorted(np.ascontiguousarray(sorted_w), num_packs, per_pack)
-    else:
-        pack_sorted_t, rank_sorted_t = _pack_sorted(sorted_w, num_packs, per_pack)
+        return pack_ordered(np.ascontiguousarray(weight), order, num_packs, per_pack)
+    sorted_w = np.take_along_axis(weight, order, axis=1)
+    pack_sorted_t, rank_sorted_t = _pack_sorted(sorted_w, num_packs, per_pack)
     pack_index = np.empty((num_rows, num_items), dtype=np.int64)
     rank_in_pack = np.empty((num_rows, num_items), dtype=np.int64)
     rows = np.arange(num_rows)[:, None]
@@ -82,7 +81,7 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
 def _pack_sorted(sorted_w: np.ndarray, num_packs: int, per_pack: int) -> tuple[np.ndarray, np.ndarray]:
     """The greedy loop of :func:`balanced_packing` on items already in order ([X, N]): pack and rank in
     pack of each, [X, N]. Once per item, over every row at once (numpy reference of
-    :func:`eplbd.policy.kernels.pack_sorted`)."""
+    :func:`eplbd.policy.kernels.pack_ordered`)."""
     num_rows, num_items = sorted_w.shape
     # Flat views: 1-D take/put are several times cheaper than 2-D fancy indexing.
     pack_w = np.zeros(num_rows * num_packs, dtype=np.float64)
@@ -142,8 +141,21 @@ def replicate_experts(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.
     return phy2log, load, logcnt
 
 
+def _take(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``np.take_along_axis(a, idx, axis=1)`` (2-D), compiled where it may run."""
+    if jit.enabled():
+        from eplbd.policy.kernels import gather
+
+        return gather(np.ascontiguousarray(a), np.ascontiguousarray(idx))
+    return np.take_along_axis(a, idx, axis=1)
+
+
 def _inverse(perm: np.ndarray) -> np.ndarray:
     """Row-wise inverse of a permutation [X, N]."""
+    if jit.enabled():
+        from eplbd.policy.kernels import inverse
+
+        return inverse(np.ascontiguousarray(perm))
     inv = np.empty_like(perm)
     np.put_along_axis(inv, perm, np.arange(perm.shape[1], dtype=perm.dtype)[None, :].repeat(perm.shape[0], 0), axis=1)
     return inv
@@ -170,17 +182,17 @@ def _rebalance_hierarchical(
     mlog2log = _inverse(log2mlog)
 
     # 2. replicate inside each node; rows are (layer, node).
-    mlog_tokens = np.take_along_axis(weight, mlog2log, axis=1).reshape(-1, log_per_node)
+    mlog_tokens = _take(weight, mlog2log).reshape(-1, log_per_node)
     phy2mlog, mlog_load, mlogcnt = replicate_experts(mlog_tokens, phy_per_node)
 
     # 3. replicas -> GPUs of the node; "pphy" is the final slot order within the node.
-    phy_tokens = np.take_along_axis(mlog_load, phy2mlog, axis=1)
+    phy_tokens = _take(mlog_load, phy2mlog)
     pack, rank = balanced_packing(phy_tokens, num_gpus // num_nodes)
     pphy2phy = _inverse(pack * phy_per_gpu + rank)
-    pphy2mlog = np.take_along_axis(phy2mlog, pphy2phy, axis=1).reshape(num_layers, num_nodes, phy_per_node)
+    pphy2mlog = _take(phy2mlog, pphy2phy).reshape(num_layers, num_nodes, phy_per_node)
     pphy2mlog += (np.arange(num_nodes, dtype=np.int64) * log_per_node)[None, :, None]
-    phy2log = np.take_along_axis(mlog2log, pphy2mlog.reshape(num_layers, num_physical), axis=1)
-    logcnt = np.take_along_axis(mlogcnt.reshape(num_layers, num_logical), log2mlog, axis=1)
+    phy2log = _take(mlog2log, pphy2mlog.reshape(num_layers, num_physical))
+    logcnt = _take(mlogcnt.reshape(num_layers, num_logical), log2mlog)
     return phy2log, logcnt
 
 

@@ -81,8 +81,8 @@ from eplbd.policy.default import as_float32, check_args, check_weight, plan_chec
 from eplbd.policy.incremental_budget import _pick, _replan_cost
 from eplbd.policy.incremental_layout import _TIE, _copies, _Layout, _moved, _Options
 from eplbd.policy.incremental_project import _node_relabelled, _project, _regroup, _Relabelled, _split_groups
-from eplbd.policy.matching import rank_overlap
-from eplbd.policy.placement import _int_array, preserve_local_slots
+from eplbd.policy.matching import keep_slots, rank_overlap
+from eplbd.policy.placement import _int_array
 from eplbd.policy.registry import Policy, register_policy
 
 KEEP = 0.99  # a plan keeps >= 99% of the full re-plan's gain in predicted balancedness (summed over layers)
@@ -228,7 +228,7 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
         new.ravel()[at[last]] = experts[take][last]
     re_layers = np.flatnonzero(pick == n_opts)
     if re_layers.size:
-        new[re_layers] = preserve_local_slots(relabelled(re_layers), old[re_layers], num_gpus).numpy()
+        new[re_layers] = keep_slots(relabelled(re_layers), old[re_layers], num_gpus)
     if compiled:
         moved = moved_slots(old, new, num_gpus)
     else:

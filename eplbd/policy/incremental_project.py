@@ -9,7 +9,7 @@ import numpy as np
 
 from eplbd.policy import jit
 from eplbd.policy.incremental_layout import _copies, _Layout, _Options
-from eplbd.policy.matching import apply_rank_order, assignment_batch, stable_rank_order_from
+from eplbd.policy.matching import apply_rank_order, assignment_batch, rank_overlap, stable_rank_order_from
 
 
 def _split_groups(old: np.ndarray, num_logical: int, num_groups: int, num_nodes: int) -> np.ndarray:
@@ -98,11 +98,8 @@ def _project(w: np.ndarray, old: np.ndarray, target: np.ndarray, num_gpus: int, 
 def _node_relabelled(replan: np.ndarray, old: np.ndarray, num_logical: int, num_nodes: int) -> np.ndarray:
     """``replan`` with whole node blocks moved to the old nodes that already hold most of their slots' experts
     (an exact assignment per layer)."""
-    layers, num_physical = replan.shape
-    node_held = np.zeros((layers, num_logical, num_nodes), dtype=bool)  # [layers, experts, nodes]
-    node_held[np.arange(layers)[:, None], old, np.arange(num_physical)[None, :] // (num_physical // num_nodes)] = True
-    per_slot = node_held[np.arange(layers)[:, None], replan]  # [layers, slots, old nodes]
-    value = per_slot.reshape(layers, num_nodes, num_physical // num_nodes, num_nodes).sum(axis=2, dtype=np.int64)
+    layers = replan.shape[0]
+    value = rank_overlap(replan, old, num_nodes, num_logical)  # nodes as ranks: [layers, new node, old node]
     node_of = assignment_batch(-value)  # new node a -> old node
     order = np.empty((layers, num_nodes), dtype=np.int64)
     order[np.arange(layers)[:, None], node_of] = np.arange(num_nodes)[None, :]

@@ -113,13 +113,14 @@ def _leaves(n):  # noqa: ANN001, ANN202
 
 
 @njit
-def pack_sorted(sorted_w, num_packs, per_pack):  # noqa: ANN001, ANN202
-    """:func:`eplbd.policy.default._pack_sorted` (the greedy loop of ``balanced_packing`` on items already in
-    order: pack and rank of each), one row at a time; the first lightest pack (``argmin``; a full one holds
-    +inf) from a tournament tree, updated where one pack changed."""
-    num_rows, num_items = sorted_w.shape
-    pack_sorted = np.empty((num_rows, num_items), dtype=np.int64)
-    rank_sorted = np.empty((num_rows, num_items), dtype=np.int64)
+def pack_ordered(weight, order, num_packs, per_pack):  # noqa: ANN001, ANN202
+    """``balanced_packing`` after its sort: items taken in ``order`` (numpy's ``argsort`` of ``-weight``), each
+    into the first lightest pack not yet full (:func:`eplbd.policy.default._pack_sorted`'s loop), one row at a
+    time; the lightest pack from a tournament tree (a full pack holds +inf). Returns (pack index, rank in
+    pack) of each item, [X, N] in item order."""
+    num_rows, num_items = weight.shape
+    pack_index = np.empty((num_rows, num_items), dtype=np.int64)
+    rank_in_pack = np.empty((num_rows, num_items), dtype=np.int64)
     pack_w = np.empty(num_packs)
     pack_n = np.empty(num_packs, dtype=np.int64)
     leaves = _leaves(num_packs)
@@ -129,13 +130,36 @@ def pack_sorted(sorted_w, num_packs, per_pack):  # noqa: ANN001, ANN202
         pack_n[:] = 0
         _tree_build(pack_w, tree, leaves, True)
         for k in range(num_items):
+            item = order[r, k]
             pack = tree[1]
-            pack_sorted[r, k] = pack
-            rank_sorted[r, k] = pack_n[pack]
+            pack_index[r, item] = pack
+            rank_in_pack[r, item] = pack_n[pack]
             pack_n[pack] += 1
-            pack_w[pack] = np.inf if pack_n[pack] == per_pack else pack_w[pack] + np.float64(sorted_w[r, k])
+            pack_w[pack] = np.inf if pack_n[pack] == per_pack else pack_w[pack] + np.float64(weight[r, item])
             _tree_update(pack_w, tree, leaves, pack, True)
-    return pack_sorted, rank_sorted
+    return pack_index, rank_in_pack
+
+
+@njit
+def gather(a, idx):  # noqa: ANN001, ANN202
+    """``np.take_along_axis(a, idx, axis=1)`` for 2-D ``a`` and ``idx``."""
+    rows, n = idx.shape
+    out = np.empty((rows, n), dtype=a.dtype)
+    for r in range(rows):
+        for k in range(n):
+            out[r, k] = a[r, idx[r, k]]
+    return out
+
+
+@njit
+def inverse(perm):  # noqa: ANN001, ANN202
+    """Row-wise inverse of permutations ``perm`` [X, N]."""
+    rows, n = perm.shape
+    out = np.empty((rows, n), dtype=np.int64)
+    for r in range(rows):
+        for k in range(n):
+            out[r, perm[r, k]] = k
+    return out
 
 
 @njit
@@ -295,6 +319,9 @@ def project(w, old, target, num_gpus, zones):  # noqa: ANN001, ANN202
     loads = np.empty(Gz)
     vals = np.empty(S)
     free_in = np.empty(Gz, dtype=np.int64)
+    missing = np.empty(N, dtype=np.int64)
+    qv = np.empty(N)
+    order = np.empty(N, dtype=np.int64)
     for layer in range(layers):
         cnt[:] = 0
         for p in range(P):
@@ -303,7 +330,6 @@ def project(w, old, target, num_gpus, zones):  # noqa: ANN001, ANN202
             q[e] = w[layer, e] / max(cnt[e], 1)
         for z in range(zones):
             lo = z * N
-            want[:] = 0
             for p in range(lo, lo + N):
                 want[target[layer, p]] += 1
             for p in range(N):  # keep the first copies an expert still wanted here, in slot order
@@ -312,8 +338,16 @@ def project(w, old, target, num_gpus, zones):  # noqa: ANN001, ANN202
                 if kept[p]:
                     want[e] -= 1
             # want now holds the missing copies: heaviest first, lowest id among equals
-            missing = np.flatnonzero(want)
-            order = np.argsort(-q[missing], kind="mergesort")
+            n_miss = 0
+            for p in range(lo, lo + N):
+                e = target[layer, p]
+                if want[e] > 0 and cnt[e] >= 0:
+                    missing[n_miss] = e
+                    n_miss += 1
+                    cnt[e] = -1 - cnt[e]  # listed once (restored below)
+            for k in range(n_miss):
+                cnt[missing[k]] = -1 - cnt[missing[k]]
+            _sort_heavy_first(missing, n_miss, q, qv, order)
             for g in range(Gz):
                 n_free = 0
                 for s in range(S):
@@ -323,7 +357,7 @@ def project(w, old, target, num_gpus, zones):  # noqa: ANN001, ANN202
                         n_free += 1
                 free_in[g] = n_free
                 loads[g] = npsum(vals, S) if n_free else np.inf
-            for i in order:
+            for i in range(n_miss):
                 e = missing[i]
                 for _ in range(want[e]):
                     g = np.argmin(loads)
@@ -336,7 +370,31 @@ def project(w, old, target, num_gpus, zones):  # noqa: ANN001, ANN202
                     free_in[g] -= 1
                     if free_in[g] == 0:
                         loads[g] = np.inf
+            for p in range(lo, lo + N):
+                want[target[layer, p]] = 0
     return out
+
+
+@njit
+def _sort_heavy_first(items, n, q, qv, order):  # noqa: ANN001, ANN202
+    """``items[:n]`` (distinct experts) in place by ``q`` descending, lower id first among equals (the order
+    has no ties, so any sort lands where a stable one would). Few items (a zone's missing replicas): each
+    one's place is the count of those before it, branch-free; many: numpy's stable sort of the ids, then of
+    the loads. ``qv``, ``order``: scratch of ``n``."""
+    if n > 64:
+        ids = np.sort(items[:n])
+        by = np.argsort(-q[ids], kind="mergesort")
+        items[:n] = ids[by]
+        return
+    for i in range(n):
+        qv[i] = q[items[i]]
+    for i in range(n):
+        v, x = qv[i], items[i]
+        pos = 0
+        for k in range(n):
+            pos += (qv[k] > v) | ((qv[k] == v) & (items[k] < x))
+        order[pos] = x
+    items[:n] = order[:n]
 
 
 @njit
@@ -402,3 +460,73 @@ def pick_bisect(cost_t, bal_t, idx, n_kept, budget, goal, use_budget):  # noqa: 
         else:
             dear = mid
     return False, cheap, dear
+
+
+@njit
+def overlap(new, old, num_ranks, num_logical):  # noqa: ANN001, ANN202
+    """:func:`eplbd.policy.matching.rank_overlap`: [layers, ranks (new), ranks (old)] slots of each new rank
+    whose expert the old rank holds; each layer through the list of old ranks holding each expert."""
+    L, P = new.shape
+    S = P // num_ranks
+    out = np.zeros((L, num_ranks, num_ranks), dtype=np.int64)
+    mark = np.zeros((num_logical, num_ranks), dtype=np.uint8)
+    start = np.zeros(num_logical + 1, dtype=np.int64)
+    ranks = np.empty(P, dtype=np.int64)
+    for layer in range(L):
+        start[:] = 0
+        for g in range(num_ranks):
+            for p in range(g * S, g * S + S):
+                e = old[layer, p]
+                if mark[e, g] == 0:
+                    mark[e, g] = 1
+                    start[e + 1] += 1
+        for e in range(num_logical):
+            start[e + 1] += start[e]
+        for g in range(num_ranks):  # old ranks by expert, each once; marks cleared on the way
+            for p in range(g * S, g * S + S):
+                e = old[layer, p]
+                if mark[e, g] == 1:
+                    mark[e, g] = 0
+                    ranks[start[e]] = g
+                    start[e] += 1
+        for e in range(num_logical - 1, -1, -1):  # start[e] now ends expert e's list: shift back
+            start[e + 1] = start[e]
+        start[0] = 0
+        for i in range(num_ranks):
+            for p in range(i * S, i * S + S):
+                e = new[layer, p]
+                for k in range(start[e], start[e + 1]):
+                    out[layer, i, ranks[k]] += 1
+    return out
+
+
+@njit
+def preserve_slots(new, old, S):  # noqa: ANN001, ANN202
+    """:func:`eplbd.policy.placement.preserve_local_slots` (``S`` slots per rank), one rank of one layer at a
+    time: each old slot in turn keeps its expert if the rank's new set has an unused copy (the first), then
+    the unused new entries fill the other slots, both in order."""
+    L, P = new.shape
+    out = np.empty_like(new)
+    used = np.empty(S, dtype=np.bool_)
+    kept = np.empty(S, dtype=np.bool_)
+    for layer in range(L):
+        for lo in range(0, P, S):
+            used[:] = False
+            kept[:] = False
+            for s in range(S):
+                e = old[layer, lo + s]
+                for k in range(S):
+                    if not used[k] and new[layer, lo + k] == e:
+                        out[layer, lo + s] = e
+                        used[k] = True
+                        kept[s] = True
+                        break
+            k = 0
+            for s in range(S):
+                if kept[s]:
+                    continue
+                while used[k]:
+                    k += 1
+                out[layer, lo + s] = new[layer, lo + k]
+                used[k] = True
+    return out

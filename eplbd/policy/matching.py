@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from eplbd.policy import jit
+from eplbd.policy.placement import preserve_local_slots
 
 
 def assignment(cost: np.ndarray) -> np.ndarray:
@@ -162,12 +163,17 @@ def rank_overlap(new: np.ndarray, old: np.ndarray, num_ranks: int, num_logical: 
         old: [layers, num_physical] int64 placement in force.
         num_ranks: EP ranks.
         num_logical: logical experts per layer.
-        held: ``held_by_rank(old, ...)`` when the caller has it.
+        held: ``held_by_rank(old, ...)`` when the caller has it (the numpy path uses it).
 
     Returns:
         [layers, num_ranks (new), num_ranks (old)] int64: slots of new rank ``i`` whose
         expert old rank ``j`` already holds.
     """
+    if jit.enabled():
+        from eplbd.policy.kernels import overlap
+
+        return overlap(np.ascontiguousarray(new, dtype=np.int64), np.ascontiguousarray(old, dtype=np.int64),
+                       num_ranks, num_logical)
     layers, num_physical = new.shape
     held = held_by_rank(old, num_ranks, num_logical) if held is None else held
     local = num_physical // num_ranks
@@ -180,6 +186,18 @@ def rank_overlap(new: np.ndarray, old: np.ndarray, num_ranks: int, num_logical: 
     for slot in range(1, local):
         out += per_slot[:, :, slot]
     return out
+
+
+def keep_slots(new: np.ndarray, old: np.ndarray, num_ranks: int) -> np.ndarray:
+    """:func:`eplbd.policy.placement.preserve_local_slots` for the policies: int64 arrays in, an int64 array
+    out, compiled where it may run (the engine side imports the placement module, never a JIT); shapes that do
+    not fit raise its ``PlacementError``."""
+    if jit.enabled() and new.shape == old.shape and new.ndim == 2 and new.shape[1] % num_ranks == 0:
+        from eplbd.policy.kernels import preserve_slots
+
+        return preserve_slots(np.ascontiguousarray(new, dtype=np.int64), np.ascontiguousarray(old, dtype=np.int64),
+                              new.shape[1] // num_ranks)
+    return preserve_local_slots(new, old, num_ranks).numpy()
 
 
 def stable_rank_order(new: np.ndarray, old: np.ndarray, num_ranks: int, num_nodes: int,

@@ -14,8 +14,8 @@ import torch
 
 from eplbd.errors import PolicyError
 from eplbd.policy.default import rebalance_experts
-from eplbd.policy.matching import apply_rank_order, stable_rank_order
-from eplbd.policy.placement import _int_array, preserve_local_slots
+from eplbd.policy.matching import apply_rank_order, keep_slots, stable_rank_order
+from eplbd.policy.placement import _int_array
 
 
 class Policy(ABC):
@@ -108,7 +108,7 @@ def stable_relabel(
     num_logical = int(max(new.max(initial=-1), old.max(initial=-1))) + 1
     hierarchical = num_nodes > 1 and num_groups % num_nodes == 0
     order = stable_rank_order(new, old, num_gpus, num_nodes, num_logical, hierarchical)
-    return preserve_local_slots(apply_rank_order(new, order, num_gpus), old, num_gpus)
+    return torch.from_numpy(keep_slots(apply_rank_order(new, order, num_gpus), old, num_gpus))
 
 
 _POLICIES: dict[str, type[Policy]] = {}
