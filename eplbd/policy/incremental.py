@@ -169,7 +169,7 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
     both = np.arange(2 * num_layers) % num_layers  # see below: two rows per layer
     compiled = jit.enabled()
     if compiled:
-        from eplbd.policy.incremental_search import moved_slots, rank_loads
+        from eplbd.policy.incremental_search import apply_changes, moved_slots, rank_loads
 
         R_old = rank_loads(w, old, num_gpus)
         mean, before = R_old.mean(axis=1), _balancedness(R_old)
@@ -222,6 +222,9 @@ def plan_incremental(weight: torch.Tensor | np.ndarray, num_replicas: int, num_g
     row_pick[:num_layers][pick >= n1] = -1
     row_pick[num_layers:][(pick < n1) | (pick == n_opts)] = -1
     for rows, slots, experts, option in changes:  # in the order made; a slot may change more than once
+        if compiled:
+            apply_changes(new, rows, slots, experts, option, row_pick, num_layers)
+            continue
         take = option <= row_pick[rows]
         at = both[rows[take]] * num_replicas + slots[take]
         last = at.size - 1 - np.unique(at[::-1], return_index=True)[1]
@@ -260,7 +263,7 @@ def _search_compiled(w: np.ndarray, old: np.ndarray, start: np.ndarray, bad: np.
         changes.append((rows, slots, pre[rows, slots], np.ones_like(rows)))
     cost, bal, made = search(w, old, start, pre, bool(bad.size), np.concatenate([target, target]), mean[both],
                              num_gpus, num_gpus // zones, MAX_SPLITS, MAX_RETARGETS, max_rounds)
-    changes.append(tuple(made.T))
+    changes.append(tuple(np.ascontiguousarray(made.T)))
     return cost, bal, changes
 
 

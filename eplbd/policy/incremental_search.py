@@ -134,10 +134,10 @@ def _split(w, phy, holds, cnt, q, R, target, S, Gz, buf):  # noqa: ANN001, ANN20
 
 
 @njit
-def _retarget(w, phy, holds, held, cnt, q, R, target, mean, S, Gz, buf):  # noqa: ANN001, ANN202
+def _retarget(w, phy, holds, held, cnt, q, R, target, mean, S, Gz, buf, spare):  # noqa: ANN001, ANN202
     """Step 2 on one row: relieve the heaviest rank with one slot (a spare replica on a lighter rank of
     its zone becomes one more copy of one of its experts). Returns (slot, expert, change in moved
-    slots), or (-1, -1, 0)."""
+    slots), or (-1, -1, 0). ``spare``: scratch of ``P``."""
     G, P, E = R.shape[0], phy.shape[0], w.shape[0]
     cap = target * (1 + _TIE)
     h = 0
@@ -156,26 +156,30 @@ def _retarget(w, phy, holds, held, cnt, q, R, target, mean, S, Gz, buf):  # noqa
                 second = R[g]
         second = min(second, Rh)
     goal = max(target, second) * (1 + _TIE)
-    # Donor slots: an expert with a spare replica, once on its rank, in the heavy rank's zone.
+    # Donor slots: an expert with a spare replica, once on its rank, in the heavy rank's zone. The slots of
+    # experts with a spare replica first (in slot order, branch-free), then the rest on those only.
+    n_spare = 0
+    for p in range(P):
+        spare[n_spare] = p
+        n_spare += cnt[phy[p]] >= 2
     top = np.full(E, -np.inf)
-    for g in range(G):
-        Rg = R[g]
-        for p in range(g * S, g * S + S):
-            e = phy[p]
-            if cnt[e] >= 2 and Rg > top[e]:
-                top[e] = Rg
+    for k in range(n_spare):
+        p = spare[k]
+        e, Rg = phy[p], R[p // S]
+        if Rg > top[e]:
+            top[e] = Rg
     D = min(_DONORS, P)
     cand = np.full(D, -1)
     cbase = np.full(D, np.inf)
     cother = np.zeros(D)
     zone_h = h // Gz
-    for rk in range(zone_h * Gz, zone_h * Gz + Gz):
-        if rk == h:
-            continue
-        for p in range(rk * S, rk * S + S):
+    for k in range(n_spare):
+        p = spare[k]
+        rk = p // S
+        if rk // Gz == zone_h and rk != h:
             b = phy[p]
             cb = cnt[b]
-            if cb < 2 or holds[b, rk] != 1:
+            if holds[b, rk] != 1:
                 continue
             other = top[b] + (w[b] / max(cb - 1, 1) - q[b])  # conservative: the max over every holder
             if not other <= cap:
@@ -400,6 +404,17 @@ def _mark(phy, held, S, value):  # noqa: ANN001, ANN202
 
 
 @njit
+def apply_changes(new, rows, slots, experts, option, row_pick, L):  # noqa: ANN001, ANN202
+    """Write into ``new`` [L, P] the changes (in the order made) that a row's pick includes: slot ``slots[k]``
+    of layer ``rows[k] % L`` takes ``experts[k]`` where ``option[k] <= row_pick[rows[k]]``, a later change to
+    a slot overwriting an earlier one."""
+    for k in range(rows.shape[0]):
+        r = rows[k]
+        if option[k] <= row_pick[r]:
+            new[r % L, slots[k]] = experts[k]
+
+
+@njit
 def _fill_copies(phy, holds, S, sign):  # noqa: ANN001, ANN202
     for g in range(phy.shape[0] // S):
         for p in range(g * S, g * S + S):
@@ -447,6 +462,7 @@ def search(w, old, start, pre, regroup, target, mean, G, Gz, max_splits, max_ret
     hd = np.zeros((E, G), dtype=np.uint8)  # copies in the placement in force (0/1), zeroed after each row
     hr = np.zeros((E, G), dtype=np.int16)  # copies now, likewise
     pr = np.empty(P, dtype=np.int64)
+    spare = np.empty(P, dtype=np.int64)
     for r in range(rows):
         lr = r % L
         wr, t, mean_r = w[lr], target[r], mean[r]
@@ -471,7 +487,7 @@ def search(w, old, start, pre, regroup, target, mean, G, Gz, max_splits, max_ret
             split_bal[r, k] = _balancedness(mean_r, R)
             n_split[r] = k + 1
         for k in range(max_retargets):
-            slot, x, dc = _retarget(wr, pr, hr, hd, cnt, q, R, t, mean_r, S, Gz, buf)
+            slot, x, dc = _retarget(wr, pr, hr, hd, cnt, q, R, t, mean_r, S, Gz, buf, spare)
             if slot < 0:
                 break
             cost += dc
