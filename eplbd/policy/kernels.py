@@ -72,72 +72,99 @@ def _block(a, lo, n):  # noqa: ANN001, ANN202
 
 
 @njit
-def _tree_build(val, tree, leaves, lowest):  # noqa: ANN001, ANN202
-    """A tournament tree over ``val``: ``tree[1]`` is the index of the first smallest (``lowest``) or first
-    largest value, as numpy's ``argmin`` / ``argmax`` (each node keeps its left child's winner on equal
-    values, and the left subtree holds the lower indices). ``leaves`` is a power of two >= ``val.size``;
-    leaves past the end hold index -1 and never win. ``tree`` has ``2 * leaves`` entries."""
-    n = val.shape[0]
-    for i in range(leaves):
-        tree[leaves + i] = i if i < n else -1
-    for node in range(leaves - 1, 0, -1):
-        tree[node] = _winner(val, tree[2 * node], tree[2 * node + 1], lowest)
+def _block_size(n):  # noqa: ANN001, ANN202
+    """Block length for a first-best search over ``n`` values kept in blocks: a power of two near ``sqrt(n)``."""
+    size = 1
+    while size * size < n:
+        size *= 2
+    return size
 
 
 @njit
-def _winner(val, a, b, lowest):  # noqa: ANN001, ANN202
-    if b < 0:
-        return a
-    if a < 0:
-        return b
-    if lowest:
-        return a if not val[b] < val[a] else b
-    return a if not val[b] > val[a] else b
+def _block_best(val, lo, size, lowest):  # noqa: ANN001, ANN202
+    """(value, index) of the first smallest (``lowest``) or first largest of ``val[lo:lo + size]``."""
+    bv, bi = val[lo], lo
+    for i in range(lo + 1, lo + size):
+        if (val[i] < bv) if lowest else (val[i] > bv):
+            bv, bi = val[i], i
+    return bv, bi
 
 
 @njit
-def _tree_update(val, tree, leaves, i, lowest):  # noqa: ANN001, ANN202
-    """``val[i]`` changed: replay the matches on its way to the root."""
-    node = (leaves + i) >> 1
-    while node >= 1:
-        tree[node] = _winner(val, tree[2 * node], tree[2 * node + 1], lowest)
-        node >>= 1
-
-
-@njit
-def _leaves(n):  # noqa: ANN001, ANN202
-    leaves = 1
-    while leaves < n:
-        leaves *= 2
-    return leaves
+def _blocks_first(bv, bi, lowest):  # noqa: ANN001, ANN202
+    """Index of the first smallest (``lowest``) or first largest value over the blocks' bests ``bv``/``bi``:
+    numpy's ``argmin`` / ``argmax`` of the whole array (blocks in order, each one's first best)."""
+    v, i = bv[0], bi[0]
+    for b in range(1, bv.shape[0]):
+        if (bv[b] < v) if lowest else (bv[b] > v):
+            v, i = bv[b], bi[b]
+    return i
 
 
 @njit
 def pack_ordered(weight, order, num_packs, per_pack):  # noqa: ANN001, ANN202
     """``balanced_packing`` after its sort: items taken in ``order`` (numpy's ``argsort`` of ``-weight``), each
     into the first lightest pack not yet full (:func:`eplbd.policy.default._pack_sorted`'s loop), one row at a
-    time; the lightest pack from a tournament tree (a full pack holds +inf). Returns (pack index, rank in
-    pack) of each item, [X, N] in item order."""
+    time. A full pack holds +inf; the packs are kept in blocks of about ``sqrt(num_packs)`` with each block's
+    first lightest, so a step rescans one block and the blocks' bests. Returns (pack index, rank in pack) of
+    each item, [X, N] in item order."""
     num_rows, num_items = weight.shape
     pack_index = np.empty((num_rows, num_items), dtype=np.int64)
     rank_in_pack = np.empty((num_rows, num_items), dtype=np.int64)
-    pack_w = np.empty(num_packs)
+    size = _block_size(num_packs)
+    blocks = (num_packs + size - 1) // size
+    pack_w = np.empty(blocks * size)  # padding packs hold +inf and come last: never first
     pack_n = np.empty(num_packs, dtype=np.int64)
-    leaves = _leaves(num_packs)
-    tree = np.empty(2 * leaves, dtype=np.int64)
+    bv = np.empty(blocks)
+    bi = np.empty(blocks, dtype=np.int64)
     for r in range(num_rows):
-        pack_w[:] = 0.0
+        pack_w[:] = np.inf
+        pack_w[:num_packs] = 0.0
         pack_n[:] = 0
-        _tree_build(pack_w, tree, leaves, True)
+        for b in range(blocks):
+            bv[b], bi[b] = _block_best(pack_w, b * size, size, True)
         for k in range(num_items):
             item = order[r, k]
-            pack = tree[1]
+            pack = _blocks_first(bv, bi, True)
             pack_index[r, item] = pack
             rank_in_pack[r, item] = pack_n[pack]
             pack_n[pack] += 1
             pack_w[pack] = np.inf if pack_n[pack] == per_pack else pack_w[pack] + np.float64(weight[r, item])
-            _tree_update(pack_w, tree, leaves, pack, True)
+            b = pack // size
+            bv[b], bi[b] = _block_best(pack_w, b * size, size, True)
     return pack_index, rank_in_pack
+
+
+@njit
+def replicate(weight, num_phy):  # noqa: ANN001, ANN202
+    """:func:`eplbd.policy.default.replicate_experts`, one row at a time; the first heaviest per-replica load
+    (``argmax``) from blocks of loads as in :func:`pack_ordered`."""
+    num_rows, num_log = weight.shape
+    phy2log = np.empty((num_rows, num_phy), dtype=np.int64)
+    logcnt = np.ones((num_rows, num_log), dtype=np.int64)
+    load = np.empty((num_rows, num_log))
+    size = _block_size(num_log)
+    blocks = (num_log + size - 1) // size
+    val = np.empty(blocks * size)  # padding holds -inf and comes last: never first
+    bv = np.empty(blocks)
+    bi = np.empty(blocks, dtype=np.int64)
+    for r in range(num_rows):
+        val[:] = -np.inf
+        for e in range(num_log):
+            phy2log[r, e] = e
+            val[e] = np.float64(weight[r, e])
+        if num_phy > num_log:
+            for b in range(blocks):
+                bv[b], bi[b] = _block_best(val, b * size, size, False)
+        for i in range(num_log, num_phy):
+            expert = _blocks_first(bv, bi, False)
+            phy2log[r, i] = expert
+            logcnt[r, expert] += 1
+            val[expert] = np.float64(weight[r, expert]) / logcnt[r, expert]
+            b = expert // size
+            bv[b], bi[b] = _block_best(val, b * size, size, False)
+        load[r] = val[:num_log]
+    return phy2log, load, logcnt
 
 
 @njit
@@ -160,31 +187,6 @@ def inverse(perm):  # noqa: ANN001, ANN202
         for k in range(n):
             out[r, perm[r, k]] = k
     return out
-
-
-@njit
-def replicate(weight, num_phy):  # noqa: ANN001, ANN202
-    """:func:`eplbd.policy.default.replicate_experts`, one row at a time; the first heaviest per-replica load
-    (``argmax``) from a tournament tree."""
-    num_rows, num_log = weight.shape
-    phy2log = np.empty((num_rows, num_phy), dtype=np.int64)
-    logcnt = np.ones((num_rows, num_log), dtype=np.int64)
-    load = np.empty((num_rows, num_log))
-    leaves = _leaves(num_log)
-    tree = np.empty(2 * leaves, dtype=np.int64)
-    for r in range(num_rows):
-        for e in range(num_log):
-            phy2log[r, e] = e
-            load[r, e] = np.float64(weight[r, e])
-        if num_phy > num_log:
-            _tree_build(load[r], tree, leaves, False)
-        for i in range(num_log, num_phy):
-            expert = tree[1]
-            phy2log[r, i] = expert
-            logcnt[r, expert] += 1
-            load[r, expert] = np.float64(weight[r, expert]) / logcnt[r, expert]
-            _tree_update(load[r], tree, leaves, expert, False)
-    return phy2log, load, logcnt
 
 
 @njit
