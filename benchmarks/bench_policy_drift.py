@@ -11,7 +11,7 @@ mean over layers) is predicted on B for the placement in force (``before``), the
   count for vLLM's full re-plan (target <= 15);
 - ``ms`` = one ``incremental`` call, and one call of vLLM's own policy (the real one where the vllm
   package imports, else eplbd's ``default``, which the tests hold to be bit-identical; the header says
-  which): each the median of ``--runs`` calls (3) on the case's inputs, after one untimed warm-up call.
+  which): each the median of ``--runs`` calls (5) on the case's inputs, after one untimed warm-up call.
 
 Workloads (``../shared/data``, see its README):
 
@@ -225,7 +225,7 @@ def budget_point(c: dict, r: dict, share: float) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="", help="comma-separated substrings of case names to run")
-    parser.add_argument("--runs", type=int, default=3, help="timed calls per policy and case (median)")
+    parser.add_argument("--runs", type=int, default=5, help="timed calls per policy and case (median)")
     parser.add_argument("--pareto", action="store_true", help="sweep move_budget (share of vLLM's moves)")
     parser.add_argument("--plot", metavar="PNG", help="with --pareto: draw gain kept vs moved share")
     parser.add_argument("--json", action="store_true")
@@ -270,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"worst moved share {100 * worst_moved['moved_share']:6.1f} %  {worst_moved['case']}  (target <= 15)")
     print(f"worst incremental time at DeepSeek-V3 scale {worst_ms['inc_ms']:.1f} ms  {worst_ms['case']}  "
           "(target well under 20)")
-    print(f"worst time ratio incremental / vLLM policy {worst_ratio['inc_ms'] / worst_ratio['vllm_ms']:.2f}  "
-          f"{worst_ratio['case']}  (target <= 0.2)")
+    ratios = sorted(r["inc_ms"] / r["vllm_ms"] for r in v3)
+    print(f"worst time ratio incremental / vLLM policy {ratios[-1]:.3f}  {worst_ratio['case']}  (target <= 0.2); "
+          f"median {ratios[len(ratios) // 2]:.3f}, above 0.2 on {sum(x > 0.2 for x in ratios)} of {len(ratios)}")
     for r in misses:
         gain15, moved15 = r["at_15"]
         print(f"over 15% moved, gain target wins: {r['case']}: {100 * r['moved_share']:.1f}% of vLLM's moves "
