@@ -552,10 +552,12 @@ def _assemble(base_cost, base_bal, n_split, split, split_bal, n_ret, ret, ret_ba
             for c in range(npairs):
                 if k < n_round[r]:
                     c_last, b_last = rnd_cost[r, k, c], rnd_bal[r, k, c]
-                    sw = rnd_sw[r, k, c]
-                    if sw[0] >= 0:  # heavy slot takes the light rank's expert, and back
-                        changes[i, 0], changes[i, 1], changes[i, 2], changes[i, 3] = r, sw[1], sw[4], o
-                        changes[i + 1, 0], changes[i + 1, 1], changes[i + 1, 2], changes[i + 1, 3] = r, sw[2], sw[3], o
+                    if rnd_sw[r, k, c, 0] >= 0:  # heavy slot takes the light rank's expert, and back (indexed, not
+                        # through a view of the swap: a view per pair costs a reference count each)
+                        changes[i, 0], changes[i, 1] = r, rnd_sw[r, k, c, 1]
+                        changes[i, 2], changes[i, 3] = rnd_sw[r, k, c, 4], o
+                        changes[i + 1, 0], changes[i + 1, 1] = r, rnd_sw[r, k, c, 2]
+                        changes[i + 1, 2], changes[i + 1, 3] = rnd_sw[r, k, c, 3], o
                         i += 2
                 cost[o, r], bal[o, r] = c_last, b_last
                 o += 1
