@@ -134,10 +134,12 @@ def _split(w, phy, holds, cnt, q, R, target, S, Gz, buf):  # noqa: ANN001, ANN20
 
 
 @njit
-def _retarget(w, phy, holds, held, cnt, q, R, target, mean, S, Gz, buf, spare):  # noqa: ANN001, ANN202
+def _retarget(w, phy, holds, held, cnt, q, R, target, mean, S, Gz, buf, spare, top, cand, cbase,
+              cother):  # noqa: ANN001, ANN202
     """Step 2 on one row: relieve the heaviest rank with one slot (a spare replica on a lighter rank of
     its zone becomes one more copy of one of its experts). Returns (slot, expert, change in moved
-    slots), or (-1, -1, 0). ``spare``: scratch of ``P``."""
+    slots), or (-1, -1, 0). Scratch: ``spare`` of ``P``; ``top`` of ``E``, all -inf (and left so);
+    ``cand``, ``cbase``, ``cother`` of the donor count."""
     G, P, E = R.shape[0], phy.shape[0], w.shape[0]
     cap = target * (1 + _TIE)
     h = 0
@@ -162,16 +164,14 @@ def _retarget(w, phy, holds, held, cnt, q, R, target, mean, S, Gz, buf, spare): 
     for p in range(P):
         spare[n_spare] = p
         n_spare += cnt[phy[p]] >= 2
-    top = np.full(E, -np.inf)
     for k in range(n_spare):
         p = spare[k]
         e, Rg = phy[p], R[p // S]
         if Rg > top[e]:
             top[e] = Rg
-    D = min(_DONORS, P)
-    cand = np.full(D, -1)
-    cbase = np.full(D, np.inf)
-    cother = np.zeros(D)
+    D = cand.shape[0]
+    cand[:] = -1
+    cbase[:] = np.inf
     zone_h = h // Gz
     for k in range(n_spare):
         p = spare[k]
@@ -192,6 +192,8 @@ def _retarget(w, phy, holds, held, cnt, q, R, target, mean, S, Gz, buf, spare): 
                 cbase[k], cand[k], cother[k] = cbase[k - 1], cand[k - 1], cother[k - 1]
                 k -= 1
             cbase[k], cand[k], cother[k] = base, p, other
+    for k in range(n_spare):  # top is -inf between calls
+        top[phy[spare[k]]] = -np.inf
     cost_w = _COST_TIE * mean
     best_key, best_s, best_d = np.inf, -1, -1
     for s in range(S):
@@ -282,18 +284,16 @@ def _by_load(R, idx, n, out, vals):  # noqa: ANN001, ANN202
 
 
 @njit
-def _swap_round(phy, holds, held, q, R, target, mean, S, Gz, o_cost, o_bal, sw, cost0, iscr, fscr):  # noqa: ANN001, ANN202
+def _swap_round(phy, holds, held, q, R, target, mean, S, Gz, o_cost, o_bal, sw, cost0, heavy, light, slot_h, slot_l,
+                dcost, by, order, ranks, Rh, Rl, moved, rest, qb, tb, keys, vals):  # noqa: ANN001, ANN202
     """Step 3, one round on one row: pair the i-th heaviest rank with the i-th lightest in each zone, one
     swap in every pair whose heavy rank is above ``target``. Writes the round's options (pairs by heavy
     load; ``o_cost``/``o_bal`` [pairs]) and swaps (``sw`` [pairs, 5]: option position or -1, heavy slot,
-    light slot, expert to light, expert to heavy). Returns whether a swap was made. ``iscr`` [8, G] and
-    ``fscr`` [8, max(G, S)] are scratch."""
+    light slot, expert to light, expert to heavy). Returns whether a swap was made. ``heavy`` .. ``ranks`` are
+    int scratch of ``G``, ``Rh`` .. ``vals`` float scratch of ``max(G, S)``."""
     G = R.shape[0]
     zones, half = G // Gz, Gz // 2
     npairs = zones * half
-    heavy, light, slot_h, slot_l, dcost, by, order, ranks = (iscr[0], iscr[1], iscr[2], iscr[3], iscr[4], iscr[5],
-                                                              iscr[6], iscr[7])
-    Rh, Rl, moved, rest, qb, tb, keys, vals = fscr[0], fscr[1], fscr[2], fscr[3], fscr[4], fscr[5], fscr[6], fscr[7]
     for z in range(zones):
         for i in range(Gz):
             ranks[i] = z * Gz + i
@@ -457,12 +457,21 @@ def search(w, old, start, pre, regroup, target, mean, G, Gz, max_splits, max_ret
     q = np.zeros(E)
     R = np.zeros(G)
     buf = np.zeros(max(S, 1))
-    iscr = np.zeros((8, G), dtype=np.int64)
-    fscr = np.zeros((8, max(G, S)))
+    # Scratch of the swap rounds, one array each (views into one table would each take a reference per round).
+    heavy, light, slot_h, slot_l = (np.zeros(G, np.int64), np.zeros(G, np.int64), np.zeros(G, np.int64),
+                                    np.zeros(G, np.int64))
+    dcost, by, order, ranks = np.zeros(G, np.int64), np.zeros(G, np.int64), np.zeros(G, np.int64), np.zeros(G, np.int64)
+    F = max(G, S)
+    Rh, Rl, moved, rest = np.zeros(F), np.zeros(F), np.zeros(F), np.zeros(F)
+    qb, tb, keys, vals = np.zeros(F), np.zeros(F), np.zeros(F), np.zeros(F)
     hd = np.zeros((E, G), dtype=np.uint8)  # copies in the placement in force (0/1), zeroed after each row
     hr = np.zeros((E, G), dtype=np.int16)  # copies now, likewise
     pr = np.empty(P, dtype=np.int64)
     spare = np.empty(P, dtype=np.int64)
+    top = np.full(E, -np.inf)
+    cand = np.empty(min(_DONORS, P), dtype=np.int64)
+    cbase = np.empty(cand.shape[0])
+    cother = np.zeros(cand.shape[0])
     for r in range(rows):
         lr = r % L
         wr, t, mean_r = w[lr], target[r], mean[r]
@@ -487,7 +496,7 @@ def search(w, old, start, pre, regroup, target, mean, G, Gz, max_splits, max_ret
             split_bal[r, k] = _balancedness(mean_r, R)
             n_split[r] = k + 1
         for k in range(max_retargets):
-            slot, x, dc = _retarget(wr, pr, hr, hd, cnt, q, R, t, mean_r, S, Gz, buf, spare)
+            slot, x, dc = _retarget(wr, pr, hr, hd, cnt, q, R, t, mean_r, S, Gz, buf, spare, top, cand, cbase, cother)
             if slot < 0:
                 break
             cost += dc
@@ -500,7 +509,8 @@ def search(w, old, start, pre, regroup, target, mean, G, Gz, max_splits, max_ret
                     break
                 n_round[r] = k + 1
                 made = _swap_round(pr, hr, hd, q, R, t, mean_r, S, Gz, rnd_cost[r, k], rnd_bal[r, k], rnd_sw[r, k],
-                                   cost, iscr, fscr)
+                                   cost, heavy, light, slot_h, slot_l, dcost, by, order, ranks, Rh, Rl, moved, rest,
+                                   qb, tb, keys, vals)
                 cost = rnd_cost[r, k, npairs - 1] if npairs else cost
                 if not made:
                     break
