@@ -31,9 +31,15 @@ def _refresh(w, phy, cnt, q, R, S, buf):  # noqa: ANN001, ANN202
     for e in range(w.shape[0]):
         q[e] = w[e] / max(cnt[e], 1)
     for g in range(R.shape[0]):
-        for s in range(S):
-            buf[s] = q[phy[g * S + s]]
-        R[g] = npsum(buf, S)
+        R[g] = _rank_load(phy, q, g, S, buf)
+
+
+@njit
+def _rank_load(phy, q, g, S, buf):  # noqa: ANN001, ANN202
+    """Rank ``g``'s load: its slots' per-replica loads summed in numpy's order (``buf``: scratch of ``S``)."""
+    for s in range(S):
+        buf[s] = q[phy[g * S + s]]
+    return npsum(buf, S)
 
 
 @njit
@@ -46,9 +52,7 @@ def _recount(w, phy, holds, cnt, q, R, S, a, b, buf):  # noqa: ANN001, ANN202
     q[b] = w[b] / max(cnt[b], 1)
     for g in range(R.shape[0]):
         if holds[a, g] > 0 or holds[b, g] > 0:
-            for s in range(S):
-                buf[s] = q[phy[g * S + s]]
-            R[g] = npsum(buf, S)
+            R[g] = _rank_load(phy, q, g, S, buf)
 
 
 @njit
@@ -140,7 +144,7 @@ def _retarget(w, phy, holds, held, cnt, q, R, target, mean, S, Gz, buf, spare, t
     its zone becomes one more copy of one of its experts). Returns (slot, expert, change in moved
     slots), or (-1, -1, 0). Scratch: ``spare`` of ``P``; ``top`` of ``E``, all -inf (and left so);
     ``cand``, ``cbase``, ``cother`` of the donor count."""
-    G, P, E = R.shape[0], phy.shape[0], w.shape[0]
+    G, P = R.shape[0], phy.shape[0]
     cap = target * (1 + _TIE)
     h = 0
     for g in range(1, G):

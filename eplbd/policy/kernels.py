@@ -322,6 +322,7 @@ def project(w, old, target, num_gpus, zones):  # noqa: ANN001, ANN202
     vals = np.empty(S)
     free_in = np.empty(Gz, dtype=np.int64)
     missing = np.empty(N, dtype=np.int64)
+    listed = np.zeros(E, dtype=np.bool_)  # experts already in missing (cleared after each zone)
     qv = np.empty(N)
     order = np.empty(N, dtype=np.int64)
     for layer in range(layers):
@@ -343,12 +344,12 @@ def project(w, old, target, num_gpus, zones):  # noqa: ANN001, ANN202
             n_miss = 0
             for p in range(lo, lo + N):
                 e = target[layer, p]
-                if want[e] > 0 and cnt[e] >= 0:
+                if want[e] > 0 and not listed[e]:
                     missing[n_miss] = e
                     n_miss += 1
-                    cnt[e] = -1 - cnt[e]  # listed once (restored below)
+                    listed[e] = True
             for k in range(n_miss):
-                cnt[missing[k]] = -1 - cnt[missing[k]]
+                listed[missing[k]] = False
             _sort_heavy_first(missing, n_miss, q, qv, order)
             for g in range(Gz):
                 n_free = 0
